@@ -1,0 +1,1 @@
+"""The Auto Doctor session listener."""

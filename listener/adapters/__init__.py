@@ -1,0 +1,1 @@
+"""Adapters: change sources, stores and effects behind the ports of the engine."""

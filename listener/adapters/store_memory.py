@@ -1,0 +1,113 @@
+"""The store in memory: replay and unit tests. Same contract as the SQL functions."""
+from __future__ import annotations
+
+import copy
+from typing import Any, Sequence
+
+from listener.instants import Instant, format_instant
+from listener.store import (
+    APPLIED, CLAIMED, CONFLICT, DONE, FENCED, MISSING, ActionKey, Claim, Contacts, Fence,
+    LedgerEntry, Transition, UnfinishedClaim)
+from rules.table import TERMINAL
+
+
+class MemoryStore:
+    def __init__(self) -> None:
+        self.rows: dict[str, dict[str, Any]] = {}
+        self.ledger: dict[ActionKey, LedgerEntry] = {}
+        self.lease: tuple[str, int] | None = None
+        self._token = 0
+
+    # -- what the app (or a replay log) does to the table ------------------------
+
+    def write(self, record: dict[str, Any], at: Instant) -> dict[str, Any]:
+        """Store a row as the database would, stamping `status_changed_at` as the
+        trigger does when the row does not carry one. Returns the stored row."""
+        row = dict(record)
+        previous = self.rows.get(row["id"])
+        if row.get("status_changed_at") is None:
+            if previous is not None and previous.get("status") == row.get("status"):
+                row["status_changed_at"] = previous.get("status_changed_at")
+            else:
+                row["status_changed_at"] = format_instant(at)
+        self.rows[row["id"]] = row
+        return row
+
+    def remove(self, session_id: str) -> None:
+        self.rows.pop(session_id, None)
+
+    # -- the Store port ----------------------------------------------------------------
+
+    async def tracked_rows(self) -> list[dict[str, Any]]:
+        return [dict(r) for r in self.rows.values()
+                if r.get("status") not in TERMINAL
+                or (r.get("status") == "completed" and r.get("summary_submitted_at") is None)]
+
+    async def read_session(self, session_id: str) -> dict[str, Any] | None:
+        row = self.rows.get(session_id)
+        return None if row is None else dict(row)
+
+    def _fenced(self, fence: Fence) -> bool:
+        return self.lease is not None and self.lease != (fence.holder, fence.token)
+
+    async def claim(self, key: ActionKey, fence: Fence, fired_at: Instant) -> Claim:
+        if self._fenced(fence):
+            return Claim(FENCED)
+        entry = self.ledger.get(key)
+        if entry is None:
+            self.ledger[key] = LedgerEntry("claimed", fence.holder, fence.token, fired_at=fired_at)
+            return Claim(CLAIMED)
+        if entry.state != "claimed":
+            return Claim(DONE)
+        entry.holder, entry.token, entry.attempts = fence.holder, fence.token, entry.attempts + 1
+        return Claim(CLAIMED, entry.status_applied, entry.attempts)
+
+    async def transition(self, key: ActionKey, fence: Fence, expected: Sequence[str],
+                         version: str | None, status: str, reason: str,
+                         at: Instant) -> Transition:
+        if self._fenced(fence):
+            return Transition(FENCED)
+        row = self.rows.get(key.session_id)
+        if row is None:
+            return Transition(MISSING)
+        if row.get("status") not in expected:
+            return Transition(CONFLICT, dict(row))
+        stamp = format_instant(at)
+        metadata = copy.deepcopy(row.get("metadata")) if isinstance(row.get("metadata"), dict) else {}
+        metadata["listener"] = {"reason": reason, "rule": key.rule, "at": stamp}
+        row.update(status=status, metadata=metadata, updated_at=stamp, status_changed_at=stamp)
+        if status == "completed" and row.get("ended_at") is None:
+            row["ended_at"] = stamp
+        if status == "cancelled" and "cancelled_at" in row and row["cancelled_at"] is None:
+            row["cancelled_at"] = stamp
+        self.ledger[key].status_applied = True
+        return Transition(APPLIED, dict(row))
+
+    async def complete(self, key: ActionKey, fence: Fence, outcome: str, fired_at: Instant,
+                       lateness_ms: int, detail: dict[str, Any]) -> bool:
+        if self._fenced(fence):
+            return False
+        entry = self.ledger.setdefault(key, LedgerEntry("claimed", fence.holder, fence.token))
+        entry.state, entry.fired_at, entry.lateness_ms, entry.detail = (
+            outcome, fired_at, lateness_ms, detail)
+        return True
+
+    async def unfinished_claims(self) -> list[UnfinishedClaim]:
+        return [UnfinishedClaim(k, e.status_applied, e.attempts, e.fired_at)
+                for k, e in self.ledger.items() if e.state == "claimed"]
+
+    async def contacts(self, session_id: str) -> Contacts:
+        return Contacts()
+
+    async def acquire_lease(self, holder: str, ttl_seconds: float) -> int | None:
+        if self.lease is None or self.lease[0] != holder:
+            self._token += 1
+            self.lease = (holder, self._token)
+        return self.lease[1]
+
+    async def renew_lease(self, fence: Fence, ttl_seconds: float) -> bool:
+        return self.lease == (fence.holder, fence.token)
+
+    async def release_lease(self, fence: Fence) -> None:
+        if self.lease == (fence.holder, fence.token):
+            self.lease = None

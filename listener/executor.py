@@ -1,0 +1,196 @@
+"""Acting on a due timer: re-read, re-check, claim, change status, email, record.
+
+The same code runs under replay (in-memory store, no mailer, virtual clock)
+and in the live daemon (SQL or RPC store, outbox or Resend, wall clock).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+import structlog
+
+from listener import metrics
+from listener.clock import Clock
+from listener.effects import ActionEvent, EventPublisher
+from listener.engine import FIRE, LATE, SKIP, Decision, Engine, Timer
+from listener.instants import format_instant
+from listener.sessions import BadRow, parse_row
+from listener.store import (
+    APPLIED, CLAIMED, FENCED, MISSING, ActionKey, Fence, Fenced, Store)
+
+log = structlog.get_logger("listener.action")
+
+MAX_CAS_ATTEMPTS = 3
+
+
+@dataclass(frozen=True, slots=True)
+class ActionResult:
+    key: ActionKey
+    fired_at: int
+    outcome: str  # fired | late | skipped | failed
+    status: str | None = None
+    reason: str | None = None
+    recipients: tuple[str, ...] = ()
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def lateness_ms(self) -> int:
+        return (self.fired_at - self.key.due_at) // 1000
+
+
+class Deliverer:
+    """Sends an action's emails; returns per-recipient errors (empty when all went)."""
+
+    async def deliver(self, key: ActionKey, recipients: tuple[str, ...],
+                      row: dict[str, Any]) -> dict[str, str]:
+        raise NotImplementedError
+
+
+class Executor:
+    def __init__(self, engine: Engine, store: Store, clock: Clock, fence: Fence, *,
+                 deliverer: Deliverer | None = None, publisher: EventPublisher | None = None,
+                 on_result: Callable[[ActionResult], None] | None = None,
+                 background: Callable[[Awaitable[None]], Any] | None = None) -> None:
+        self.engine = engine
+        self.store = store
+        self.clock = clock
+        self.fence = fence
+        self.deliverer = deliverer
+        self.publisher = publisher
+        self.on_result = on_result
+        # Email delivery may be slow (rate limit, retries): live, it runs in the
+        # background so status changes of other sessions never wait for it.
+        self._background = background
+
+    async def run(self, timer: Timer, fired_at: int) -> ActionResult | None:
+        """Act on one popped timer. Returns the recorded result, or None when the
+        guard failed or the episode was already done."""
+        try:
+            return await self._run(timer, fired_at)
+        except Fenced:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one action's failure must not stop the loop
+            # Give the timer back: the next reconcile re-arms it (catch-up), and
+            # the ledger claim, if made, is retried as unfinished.
+            self.engine.release(timer)
+            log.error("action_error", rule=timer.rule.name, session_id=timer.session_id,
+                      due_at=format_instant(timer.due), error=repr(exc))
+            return None
+
+    async def _run(self, timer: Timer, fired_at: int) -> ActionResult | None:
+        engine, rule, sid = self.engine, timer.rule, timer.session_id
+        row = await self.store.read_session(sid)
+        if row is None:
+            engine.delete(sid)
+            log.debug("timer_dropped", rule=rule.name, session_id=sid, why="row gone")
+            return None
+        state, _ = parse_row(row, engine.sessions.get(sid), fired_at)
+        if not engine.holds(timer, state):
+            # Memory was behind the database; the fresh row re-arms what is owed.
+            engine.release(timer)
+            engine.upsert(row, fired_at)
+            log.debug("timer_dropped", rule=rule.name, session_id=sid, why="guard failed")
+            return None
+        decision = engine.decide(timer, state, fired_at)
+        key = ActionKey(rule.name, sid, timer.due)
+        claim = await self.store.claim(key, self.fence, fired_at)
+        if claim.outcome == FENCED:
+            engine.release(timer)
+            raise Fenced(self.fence)
+        if claim.outcome != CLAIMED:
+            log.debug("already_done", rule=rule.name, session_id=sid)
+            return None
+        fired_at = max(fired_at, self.clock.now())  # lateness includes the claim
+        if decision.outcome == SKIP:
+            return await self._finish(key, fired_at, SKIP, detail={"why": decision.detail})
+        status = reason = None
+        if rule.set_status is not None:
+            if claim.status_applied:
+                status, reason = rule.set_status.status, rule.set_status.reason
+            else:
+                moved = await self._change_status(timer, key, row, fired_at)
+                if moved is not None:
+                    return await self._finish(key, fired_at, SKIP, detail=moved)
+                status, reason = rule.set_status.status, rule.set_status.reason
+        if decision.outcome == FIRE and decision.recipients and self.deliverer is not None:
+            work = self._deliver_and_finish(key, fired_at, decision, status, reason, row)
+            if self._background is not None:
+                self._background(work)
+                return None
+            return await work
+        outcome = LATE if decision.outcome == LATE else FIRE
+        return await self._finish(key, fired_at, outcome, status, reason, decision.recipients,
+                                  {"why": decision.detail} if decision.detail else {})
+
+    async def _change_status(self, timer: Timer, key: ActionKey, row: dict[str, Any],
+                             at: int) -> dict[str, Any] | None:
+        """Compare-and-set the rule's status. None when applied, else why not."""
+        change = timer.rule.set_status
+        assert change is not None
+        expected = sorted(timer.rule.when.statuses)
+        for _ in range(MAX_CAS_ATTEMPTS):
+            result = await self.store.transition(key, self.fence, expected, row.get("_version"),
+                                                 change.status, change.reason, at)
+            if result.outcome == APPLIED:
+                self.engine.upsert(result.row, at)
+                return None
+            if result.outcome == FENCED:
+                raise Fenced(self.fence)
+            if result.outcome == MISSING or result.row is None:
+                self.engine.delete(key.session_id)
+                return {"why": "row moved on", "now": "deleted"}
+            # The row changed under us. Still owed with the same due? Try again.
+            row = result.row
+            try:
+                state, _ = parse_row(row, self.engine.sessions.get(key.session_id), at)
+            except BadRow:
+                return {"why": "row moved on", "now": "unreadable"}
+            self.engine.upsert(row, at)
+            if not self.engine.holds(timer, state):
+                return {"why": "row moved on", "now": state.status}
+        return {"why": "row kept changing", "now": row.get("status")}
+
+    async def _deliver_and_finish(self, key: ActionKey, fired_at: int, decision: Decision,
+                                  status: str | None, reason: str | None,
+                                  row: dict[str, Any]) -> ActionResult:
+        assert self.deliverer is not None
+        try:
+            errors = await self.deliverer.deliver(key, decision.recipients, row)
+        except Exception as exc:  # noqa: BLE001 - recorded as failed, never dropped
+            errors = {"all": repr(exc)}
+        outcome = "failed" if errors else FIRE
+        detail = {"email_errors": errors} if errors else {}
+        return await self._finish(key, fired_at, outcome, status, reason, decision.recipients,
+                                  detail)
+
+    async def _finish(self, key: ActionKey, fired_at: int, outcome: str, status: str | None = None,
+                      reason: str | None = None, recipients: tuple[str, ...] = (),
+                      detail: dict[str, Any] | None = None) -> ActionResult:
+        detail = dict(detail or {})
+        if recipients:
+            detail["recipients"] = list(recipients)
+        result = ActionResult(key, fired_at, outcome, status, reason, recipients, detail)
+        recorded = await self.store.complete(key, self.fence, outcome, fired_at,
+                                             result.lateness_ms, detail)
+        if not recorded:
+            log.warning("complete_fenced", rule=key.rule, session_id=key.session_id)
+        self.report(result)
+        return result
+
+    def report(self, result: ActionResult) -> None:
+        key = result.key
+        event = ActionEvent(key.rule, key.session_id, format_instant(key.due_at),
+                            format_instant(result.fired_at), result.lateness_ms, result.outcome,
+                            result.status, result.reason, result.detail)
+        log_fields = event.as_dict()
+        log_fields.pop("detail", None)
+        level = log.warning if result.outcome == "failed" else log.info
+        level("action", **log_fields, **({"detail": result.detail} if result.detail else {}))
+        metrics.ACTIONS.labels(key.rule, result.outcome).inc()
+        metrics.FIRING_LATENESS.observe(max(0, result.fired_at - key.due_at) / 1e6)
+        if self.publisher is not None:
+            self.publisher.publish(event)
+        if self.on_result is not None:
+            self.on_result(result)
+
