@@ -1,7 +1,7 @@
 """Row changes as every source delivers them, validated into one shape."""
 from __future__ import annotations
 
-import json
+import orjson
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,7 +57,7 @@ def change_from_payload(payload: Any, *, require_at: bool = False) -> Change:
 
 def change_from_line(line: str) -> Change:
     try:
-        payload = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise BadChange(f"not JSON ({exc.msg} at column {exc.colno})") from None
+        payload = orjson.loads(line)
+    except orjson.JSONDecodeError as exc:
+        raise BadChange(f"not JSON ({exc})") from None
     return change_from_payload(payload, require_at=True)

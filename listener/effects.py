@@ -5,7 +5,7 @@ knows these types.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 
@@ -63,7 +63,14 @@ class ActionEvent:
     detail: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v is not None and v != {}}
+        out: dict[str, Any] = {"rule": self.rule, "session_id": self.session_id,
+                               "due_at": self.due_at, "fired_at": self.fired_at,
+                               "lateness_ms": self.lateness_ms, "outcome": self.outcome}
+        if self.status is not None:
+            out["status"], out["reason"] = self.status, self.reason
+        if self.detail:
+            out["detail"] = self.detail
+        return out
 
 
 class EventPublisher(Protocol):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import heapq
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, NamedTuple
 
 from listener.instants import HOUR, Instant
 from listener.sessions import SessionState, parse_row, session_id_of
@@ -24,16 +24,14 @@ from rules.table import (
 FIRE, LATE, SKIP = "fired", "late", "skipped"
 
 
-@dataclass(frozen=True, slots=True)
-class Timer:
+class Timer(NamedTuple):
     rule: Rule
     rule_index: int
     session_id: str
     due: Instant
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(NamedTuple):
     """What a due timer should do, decided against the freshest state."""
 
     timer: Timer
@@ -57,6 +55,32 @@ class Applied:
     new_status: str | None = None  # set when the status is one the engine does not know
 
 
+DueFunction = Callable[[SessionState], "Instant | None"]
+
+
+def compile_due(rule: Rule) -> DueFunction:
+    """Turn a rule's declaration into a function of a state: its due instant or None.
+
+    The engine evaluates rules on every change, so each declaration becomes
+    straight-line code once, at start. Column names are checked against the
+    state's slots, so nothing but a known attribute reaches the source.
+    """
+    columns = rule.when.present + rule.when.absent + rule.anchor
+    unknown = [c for c in columns if c not in SessionState.__slots__]
+    if unknown:
+        raise ValueError(f"rule {rule.name}: unknown columns {unknown}")
+    lines = ["def due(s):", "    if s.status not in STATUSES: return None"]
+    lines += [f"    if s.{c} is None: return None" for c in rule.when.present]
+    lines += [f"    if s.{c} is not None: return None" for c in rule.when.absent]
+    lines.append(f"    a = s.{rule.anchor[0]}")
+    for column in rule.anchor[1:]:
+        lines += [f"    b = s.{column}", "    if b is not None and (a is None or b > a): a = b"]
+    lines += ["    if a is None: return None", f"    return a + {rule.direction * rule.offset}"]
+    namespace: dict = {"STATUSES": rule.when.statuses}
+    exec("\n".join(lines), namespace)  # noqa: S102 - source built from checked names only
+    return namespace["due"]
+
+
 class Engine:
     def __init__(self, table: RuleTable, max_notify_lateness: int = HOUR) -> None:
         self.rules: tuple[Rule, ...] = tuple(table)
@@ -64,10 +88,12 @@ class Engine:
         self.sessions: dict[str, SessionState] = {}
         self.armed = 0  # pending (rule, session, due) episodes
         self._heap: list[tuple[Instant, int, str]] = []
-        self._by_status: dict[str, tuple[int, ...]] = {}
+        self._due = [compile_due(rule) for rule in self.rules]
+        self._by_status: dict[str, tuple[tuple[int, DueFunction], ...]] = {}
         for index, rule in enumerate(self.rules):
             for status in rule.when.statuses:
-                self._by_status[status] = self._by_status.get(status, ()) + (index,)
+                self._by_status[status] = (self._by_status.get(status, ())
+                                           + ((index, self._due[index]),))
         self._unknown_statuses: set[str] = set()
         # Fired episodes of sessions forgotten as terminal, in case the row comes
         # back with the same anchors. Bounded: live, the ledger is the authority.
@@ -78,31 +104,15 @@ class Engine:
 
     def due_of(self, index: int, state: SessionState) -> Instant | None:
         """The rule's due instant for this state, or None when it does not apply."""
-        rule = self.rules[index]
-        when = rule.when
-        if state.status not in when.statuses:
-            return None
-        for column in when.present:
-            if getattr(state, column) is None:
-                return None
-        for column in when.absent:
-            if getattr(state, column) is not None:
-                return None
-        anchor = None
-        for column in rule.anchor:
-            value = getattr(state, column)
-            if value is not None and (anchor is None or value > anchor):
-                anchor = value
-        if anchor is None:
-            return None
-        return anchor + rule.direction * rule.offset
+        return self._due[index](state)
 
     def pending(self, state: SessionState) -> list[tuple[int, Instant]]:
         """(rule index, due) of every episode this state still owes."""
         out = []
-        for index in self._by_status.get(state.status, ()):
-            due = self.due_of(index, state)
-            if due is not None and (index, due) not in state.fired:
+        fired = state.fired
+        for index, due_of in self._by_status.get(state.status, ()):
+            due = due_of(state)
+            if due is not None and (not fired or (index, due) not in fired):
                 out.append((index, due))
         return out
 
@@ -206,9 +216,11 @@ class Engine:
     def decide(self, timer: Timer, state: SessionState, fired_at: Instant) -> Decision:
         rule = timer.rule
         lateness = fired_at - timer.due
-        if rule.lateness == SKIP_PAST_QUARTER and lateness * 4 > rule.offset:
-            return Decision(timer, fired_at, SKIP, (), "too late to remind")
-        if lateness > self.max_notify_lateness:
+        if rule.lateness == SKIP_PAST_QUARTER:
+            # Reminders answer only to this limit, not to MAX_NOTIFY_LATENESS.
+            if lateness * 4 > rule.offset:
+                return Decision(timer, fired_at, SKIP, (), "too late to remind")
+        elif lateness > self.max_notify_lateness:
             return Decision(timer, fired_at, LATE, (), "past MAX_NOTIFY_LATENESS: no email")
         recipients = []
         for role in rule.notify:

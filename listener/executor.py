@@ -8,9 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
+import logging
+
 import structlog
 
-from listener import metrics
+from listener import logs, metrics
 from listener.clock import Clock
 from listener.effects import ActionEvent, EventPublisher
 from listener.engine import FIRE, LATE, SKIP, Decision, Engine, Timer
@@ -24,7 +26,7 @@ log = structlog.get_logger("listener.action")
 MAX_CAS_ATTEMPTS = 3
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ActionResult:
     key: ActionKey
     fired_at: int
@@ -183,14 +185,13 @@ class Executor:
         event = ActionEvent(key.rule, key.session_id, format_instant(key.due_at),
                             format_instant(result.fired_at), result.lateness_ms, result.outcome,
                             result.status, result.reason, result.detail)
-        log_fields = event.as_dict()
-        log_fields.pop("detail", None)
-        level = log.warning if result.outcome == "failed" else log.info
-        level("action", **log_fields, **({"detail": result.detail} if result.detail else {}))
-        metrics.ACTIONS.labels(key.rule, result.outcome).inc()
+        if result.outcome == "failed":
+            log.warning("action", **event.as_dict())
+        elif logs.enabled(logging.INFO):
+            log.info("action", **event.as_dict())
+        metrics.action_counter(key.rule, result.outcome).inc()
         metrics.FIRING_LATENESS.observe(max(0, result.fired_at - key.due_at) / 1e6)
         if self.publisher is not None:
             self.publisher.publish(event)
         if self.on_result is not None:
             self.on_result(result)
-

@@ -6,6 +6,7 @@ datetime objects; they become datetimes only at the edges (logs, JSON, SQL).
 from __future__ import annotations
 
 import re
+import time
 from datetime import datetime, timezone
 
 Instant = int
@@ -24,6 +25,9 @@ class BadInstant(ValueError):
     pass
 
 
+_parsed: dict[str, Instant | None] = {}
+
+
 def parse_instant(value: object) -> Instant | None:
     """ISO 8601 text (or a datetime) to an instant; None stays None.
 
@@ -32,24 +36,38 @@ def parse_instant(value: object) -> Instant | None:
     """
     if value is None:
         return None
+    if isinstance(value, str):
+        # Rows repeat their timestamps on every update: remember recent ones.
+        cached = _parsed.get(value)
+        if cached is not None:
+            return cached
+        instant = _instant_of(_datetime_of_text(value), value)
+        if len(_parsed) >= 65_536:
+            _parsed.clear()
+        _parsed[value] = instant
+        return instant
     if isinstance(value, datetime):
-        dt = value
-    elif isinstance(value, str):
-        text = value.strip()
-        if text.endswith(("Z", "z")):
-            text = text[:-1] + "+00:00"
-        try:
-            dt = datetime.fromisoformat(text)
-        except ValueError:
-            raise BadInstant(f"unparsable timestamp {value!r}") from None
-    else:
-        raise BadInstant(f"timestamp of type {type(value).__name__}")
+        return _instant_of(value, value)
+    raise BadInstant(f"timestamp of type {type(value).__name__}")
+
+
+def _datetime_of_text(value: str) -> datetime:
+    text = value.strip()
+    if text.endswith(("Z", "z")):
+        text = text[:-1] + "+00:00"
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        raise BadInstant(f"unparsable timestamp {value!r:.60}") from None
+
+
+def _instant_of(dt: datetime, original: object) -> Instant:
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=timezone.utc)
     delta = dt - _EPOCH
     instant = (delta.days * 86_400 + delta.seconds) * SECOND + delta.microseconds
     if not -MAX_INSTANT < instant < MAX_INSTANT:
-        raise BadInstant(f"timestamp out of range {value!r}")
+        raise BadInstant(f"timestamp out of range {original!r:.60}")
     return instant
 
 
@@ -59,12 +77,25 @@ def to_datetime(instant: Instant) -> datetime:
     return _EPOCH + timedelta(microseconds=instant)
 
 
+_formatted: dict[Instant, str] = {}
+
+
 def format_instant(instant: Instant) -> str:
     """RFC 3339 UTC with a Z; microseconds only when there are some."""
-    dt = to_datetime(instant)
-    if dt.microsecond:
-        return dt.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    return dt.strftime("%Y-%m-%dT%H:%M:%SZ")
+    text = _formatted.get(instant)
+    if text is None:
+        if len(_formatted) >= 65_536:
+            _formatted.clear()
+        text = _formatted[instant] = _format(instant)
+    return text
+
+
+def _format(instant: Instant) -> str:
+    seconds, micros = divmod(instant, SECOND)
+    t = time.gmtime(seconds)
+    text = (f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}"
+            f"T{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}")
+    return f"{text}.{micros:06d}Z" if micros else text + "Z"
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")

@@ -8,6 +8,12 @@ from typing import Any, TextIO
 import structlog
 
 _secrets: set[str] = set()
+_level = logging.DEBUG  # structlog's own default, until configured
+
+
+def enabled(level: int) -> bool:
+    """Cheap check before building a log line on a hot path."""
+    return level >= _level
 
 
 def register_secret(value: str | None) -> None:
@@ -34,6 +40,8 @@ def configure_logging(level: str = "INFO", stream: TextIO | None = None,
     numeric = logging.getLevelName(level.upper())
     if not isinstance(numeric, int):
         raise ValueError(f"LOG_LEVEL={level!r} is not one of debug, info, warning, error")
+    global _level
+    _level = numeric
     renderer = (structlog.dev.ConsoleRenderer(colors=False) if console
                 else structlog.processors.JSONRenderer())
     structlog.configure(

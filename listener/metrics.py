@@ -28,3 +28,14 @@ MQTT_BUFFER = Gauge("listener_mqtt_buffer_depth", "Events waiting for the broker
 MQTT_DROPPED = Counter("listener_mqtt_dropped_total", "Events dropped from a full MQTT buffer",
                        registry=REGISTRY)
 LEASE_HELD = Gauge("listener_lease_held", "1 while this instance holds the lease", registry=REGISTRY)
+
+
+_action_children: dict[tuple[str, str], object] = {}
+
+
+def action_counter(rule: str, outcome: str):  # type: ignore[no-untyped-def]
+    """ACTIONS.labels(...) without its lock and lookup on every action."""
+    child = _action_children.get((rule, outcome))
+    if child is None:
+        child = _action_children[(rule, outcome)] = ACTIONS.labels(rule, outcome)
+    return child

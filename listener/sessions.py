@@ -53,10 +53,10 @@ class SessionState:
 
 
 def session_id_of(row: Any) -> str:
-    if not isinstance(row, Mapping):
+    if type(row) is not dict and not isinstance(row, Mapping):
         raise BadRow("row is not an object")
     sid = row.get("id")
-    if not isinstance(sid, str) or not sid or len(sid) > MAX_ID_LENGTH:
+    if type(sid) is not str or not sid or len(sid) > MAX_ID_LENGTH:
         raise BadRow(f"row has no usable id ({sid!r:.60})")
     return sid
 
@@ -71,34 +71,44 @@ def parse_row(row: Mapping[str, Any], previous: SessionState | None,
     """
     sid = session_id_of(row)
     status = row.get("status")
-    if not isinstance(status, str) or not status:
+    if type(status) is not str or not status:
         raise BadRow(f"row {sid} has no usable status ({status!r:.60})")
     problems: list[str] = []
-
-    def instant(column: str) -> Instant | None:
-        try:
-            return parse_instant(row.get(column))
-        except BadInstant as exc:
-            problems.append(f"{column}: {exc}")
-            return None
-
+    values: list[Instant | None] = []
+    for column in TIMESTAMP_COLUMNS:
+        value = row.get(column)
+        if value is not None:
+            try:
+                value = parse_instant(value)
+            except BadInstant as exc:
+                problems.append(f"{column}: {exc}")
+                value = None
+        values.append(value)
     mechanic = row.get("mechanic_id")
-    if mechanic is not None and not isinstance(mechanic, str):
+    if mechanic is not None and type(mechanic) is not str:
         problems.append(f"mechanic_id: not a string ({mechanic!r:.60})")
         mechanic = None
-    changed_at = instant("status_changed_at") if "status_changed_at" in row else None
+    changed_at = row.get("status_changed_at")
+    if changed_at is not None:
+        try:
+            changed_at = parse_instant(changed_at)
+        except BadInstant as exc:
+            problems.append(f"status_changed_at: {exc}")
+            changed_at = None
     if changed_at is None:
         if previous is not None and previous.status == status:
             changed_at = previous.status_changed_at
         if changed_at is None:
             changed_at = at
-        if changed_at is None:
-            changed_at = instant("updated_at") or instant("created_at")
+        for column in ("updated_at", "created_at"):
+            if changed_at is None:
+                try:
+                    changed_at = parse_instant(row.get(column))
+                except BadInstant:
+                    pass
     state = SessionState(
         sys.intern(sid) if previous is None else previous.id,
         sys.intern(status),
         sys.intern(mechanic) if mechanic else None,
-        changed_at,
-        *(instant(c) for c in TIMESTAMP_COLUMNS),
-    )
+        changed_at, *values)
     return state, problems

@@ -5,13 +5,12 @@ in memory (replay, unit tests), with one semantics.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence
+from typing import Any, NamedTuple, Protocol, Sequence
 
 from listener.instants import Instant, format_instant
 
 
-@dataclass(frozen=True, slots=True)
-class ActionKey:
+class ActionKey(NamedTuple):
     """One episode: a rule, a session, a due instant. Unique in the ledger."""
 
     rule: str
@@ -35,15 +34,13 @@ CLAIMED, DONE, FENCED = "claimed", "done", "fenced"
 APPLIED, CONFLICT, MISSING = "applied", "conflict", "missing"
 
 
-@dataclass(frozen=True, slots=True)
-class Claim:
+class Claim(NamedTuple):
     outcome: str  # CLAIMED | DONE | FENCED
     status_applied: bool = False  # a previous attempt already changed the status
     attempts: int = 1
 
 
-@dataclass(frozen=True, slots=True)
-class Transition:
+class Transition(NamedTuple):
     outcome: str  # APPLIED | CONFLICT | MISSING | FENCED
     row: dict[str, Any] | None = None  # the row after the change, or as it is now
 

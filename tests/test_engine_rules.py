@@ -251,3 +251,10 @@ def test_a_session_forgotten_as_terminal_does_not_repeat_an_episode() -> None:
     lines, _ = replay([event(at(0), "INSERT", live), event(at(1), "UPDATE", live),
                        event(at(2), "DELETE", live)])
     assert fired(lines) == [(0, "auto_end_max_duration")]
+
+
+def test_a_day_reminder_two_hours_late_is_still_sent() -> None:
+    # Under a quarter of 24 h late: reminders ignore MAX_NOTIFY_LATENESS.
+    lines, _ = replay([event(at(0), "INSERT", row(status="scheduled", scheduled_for=at(22 * 60))),
+                       event(at(60), "DELETE", row())])
+    assert [(x["rule"], x.get("late")) for x in lines] == [("scheduled_reminder_24h", None)]

@@ -1,7 +1,6 @@
 """The store in memory: replay and unit tests. Same contract as the SQL functions."""
 from __future__ import annotations
 
-import copy
 from typing import Any, Sequence
 
 from listener.instants import Instant, format_instant
@@ -73,7 +72,8 @@ class MemoryStore:
         if row.get("status") not in expected:
             return Transition(CONFLICT, dict(row))
         stamp = format_instant(at)
-        metadata = copy.deepcopy(row.get("metadata")) if isinstance(row.get("metadata"), dict) else {}
+        # Only a top-level key is replaced, so a shallow copy keeps the rest intact.
+        metadata = dict(row["metadata"]) if isinstance(row.get("metadata"), dict) else {}
         metadata["listener"] = {"reason": reason, "rule": key.rule, "at": stamp}
         row.update(status=status, metadata=metadata, updated_at=stamp, status_changed_at=stamp)
         if status == "completed" and row.get("ended_at") is None:
