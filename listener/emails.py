@@ -1,0 +1,324 @@
+"""The emails the rules send: composing them from templates, delivering them.
+
+Templates live in `listener/templates/`, one file per email,
+`<rule>.<role>.j2` (the three scheduled reminders share
+`scheduled_reminder.<role>.j2`: only the duration differs). Each file extends
+the shared HTML layout `_layout.html.j2` and defines blocks:
+
+- `subject`: one line (whitespace is collapsed);
+- `content`: the HTML paragraphs, placed in the layout;
+- `text`: the plain-text paragraphs, placed in `_layout.txt.j2`;
+- `action` (optional): the label of the link to the session's page.
+
+The HTML is rendered by an environment with autoescape on, so every value
+taken from the database arrives as text; the subject and the plain text by an
+environment with autoescape off (no `&lt;` garbage in plain text).
+
+Determinism: an email is a pure function of the claim (rule, session, due
+instant), the recipient role, the session row and the contacts. No clock, no
+randomness: a retry after a crash sends byte-identical content under the same
+Resend idempotency key (Resend answers 409 to a reused key with another body).
+Times shown are derived from the claim's due instant, not from "now".
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import re
+from typing import Any, Mapping
+from urllib.parse import quote
+
+import structlog
+from jinja2 import Environment, PackageLoader, StrictUndefined, Template
+
+from listener.effects import OutgoingEmail
+from listener.executor import Deliverer
+from listener.instants import DAY, HOUR, MINUTE, SECOND, Instant, format_instant, to_datetime
+from listener.mailer import Mailer
+from listener.store import ActionKey, Contacts, Store
+from rules.table import RuleTable
+
+log = structlog.get_logger("listener.emails")
+
+CUSTOMER, MECHANIC, SUPPORT = "customer", "mechanic", "support"
+
+# Rules whose emails share one template per role.
+_SHARED_TEMPLATE = {
+    "scheduled_reminder_24h": "scheduled_reminder",
+    "scheduled_reminder_1h": "scheduled_reminder",
+    "scheduled_reminder_15m": "scheduled_reminder",
+}
+
+# Every (rule, role) the default rules email, SPEC section 3.
+EMAILS: frozenset[tuple[str, str]] = frozenset({
+    ("mechanic_nudge", MECHANIC),
+    ("support_stuck_alert", SUPPORT),
+    ("support_reconnect_alert", SUPPORT),
+    ("support_unassigned_alert", SUPPORT),
+    ("request_expiry", CUSTOMER),
+    ("waiting_timeout", SUPPORT),
+    ("scheduled_reminder_24h", CUSTOMER), ("scheduled_reminder_24h", MECHANIC),
+    ("scheduled_reminder_1h", CUSTOMER), ("scheduled_reminder_1h", MECHANIC),
+    ("scheduled_reminder_15m", CUSTOMER), ("scheduled_reminder_15m", MECHANIC),
+    ("scheduled_no_show", SUPPORT),
+    ("summary_reminder", MECHANIC),
+    ("summary_overdue", SUPPORT),
+})
+
+_SESSION_TYPES = {"chat", "video", "diagnostic"}
+_MAX_NAME = 80
+_WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+class EmailCompositionError(Exception):
+    """An email that cannot be composed; recorded as that recipient's failure."""
+
+
+class MissingRecipient(EmailCompositionError):
+    """No (usable) address for the role: a failure recorded in the ledger, never skipped."""
+
+
+def template_name(rule: str, role: str) -> str:
+    return f"{_SHARED_TEMPLATE.get(rule, rule)}.{role}.j2"
+
+
+# -- formatting helpers (pure) -----------------------------------------------------------
+
+def _plural(n: int, unit: str) -> str:
+    return f"{n} {unit}" if n == 1 else f"{n} {unit}s"
+
+
+def human_duration(micros: int) -> str:
+    """An offset for people: '3 minutes', '1 hour', '1 hour 30 minutes', '24 hours'.
+
+    At most two units; days only from 2 days on ('24 hours' reads better than
+    '1 day' in 'starts in ...'). Scaled-down offsets (RULES_TIME_SCALE) give
+    seconds, and under a second a decimal number of seconds.
+    """
+    micros = abs(int(micros))
+    if micros == 0:
+        return "0 minutes"
+    if micros < SECOND:
+        return f"{micros / SECOND:g} seconds"
+    if micros >= 2 * DAY:
+        big, small = (DAY, "day"), (HOUR, "hour")
+    elif micros >= HOUR:
+        big, small = (HOUR, "hour"), (MINUTE, "minute")
+    elif micros >= MINUTE:
+        big, small = (MINUTE, "minute"), (SECOND, "second")
+    else:
+        return _plural(round(micros / SECOND), "second")
+    n_big, rest = divmod(micros, big[0])
+    n_small = round(rest / small[0])
+    if n_small * small[0] == big[0]:  # rounding carried over
+        n_big, n_small = n_big + 1, 0
+    text = _plural(n_big, big[1])
+    return f"{text} {_plural(n_small, small[1])}" if n_small else text
+
+
+def human_instant(instant: Instant) -> str:
+    """'Mon 2 Mar 2026, 10:00 UTC' (seconds when not zero); locale-independent."""
+    dt = to_datetime(instant)
+    clock = f"{dt.hour:02d}:{dt.minute:02d}" + (f":{dt.second:02d}" if dt.second else "")
+    return (f"{_WEEKDAYS[dt.weekday()]} {dt.day} {_MONTHS[dt.month - 1]} {dt.year}, "
+            f"{clock} UTC")
+
+
+def _clean_name(value: object) -> str | None:
+    if not isinstance(value, str):
+        return None
+    text = " ".join(value.split())
+    if not text:
+        return None
+    return text if len(text) <= _MAX_NAME else text[:_MAX_NAME - 1].rstrip() + "…"
+
+
+def _address(value: object, what: str, session_id: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise MissingRecipient(f"no {what} email for session {session_id}")
+    address = value.strip()
+    if "@" not in address or any(c in address for c in "\r\n\t ,;"):
+        # The address itself is not logged: it is personal data.
+        raise MissingRecipient(f"the {what} email of session {session_id} is not a valid address")
+    return address
+
+
+_TRAILING_SPACE = re.compile(r"[ \t]+$", re.MULTILINE)
+_BLANK_LINES = re.compile(r"\n{3,}")
+
+
+def _tidy_text(text: str) -> str:
+    text = _TRAILING_SPACE.sub("", text.replace("\r\n", "\n"))
+    text = text.replace("\n--\n", "\n-- \n")  # keep the signature delimiter
+    return _BLANK_LINES.sub("\n\n", text).strip() + "\n"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+# -- composing -----------------------------------------------------------------------------
+
+@functools.cache
+def _compiled_templates() -> tuple[dict[str, tuple[Template, Template]], Template]:
+    """Every email's template, compiled once per process for HTML and for text.
+
+    Loading them all up front syntax-checks them at start-up, not at the first send.
+    """
+    common: dict[str, Any] = dict(
+        loader=PackageLoader("listener", "templates"), undefined=StrictUndefined,
+        trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=False, auto_reload=False)
+    html_env = Environment(autoescape=True, **common)
+    text_env = Environment(autoescape=False, **common)
+    templates: dict[str, tuple[Template, Template]] = {}
+    for rule, role in EMAILS:
+        name = template_name(rule, role)
+        if name not in templates:
+            templates[name] = (html_env.get_template(name), text_env.get_template(name))
+    return templates, text_env.get_template("_layout.txt.j2")
+
+
+class EmailComposer:
+    """Builds the OutgoingEmail of one (claim, role). Pure and deterministic."""
+
+    def __init__(self, table: RuleTable, app_url: str, sender: str,
+                 support_email: str | None) -> None:
+        self.table = table
+        self.app_url = app_url.strip().rstrip("/")
+        self.sender = sender
+        self.support_email = (support_email or "").strip() or None
+        self._templates, self._text_layout = _compiled_templates()
+
+    @classmethod
+    def from_settings(cls, settings: Any, table: RuleTable) -> "EmailComposer":
+        return cls(table, settings.next_public_app_url, settings.email_from,
+                   settings.support_email)
+
+    # -- links ------------------------------------------------------------------------
+
+    def link(self, role: str, session_id: str) -> str:
+        sid = quote(session_id, safe="")
+        if role == CUSTOMER:
+            return f"{self.app_url}/sessions/{sid}"
+        if role == MECHANIC:
+            return f"{self.app_url}/mechanic/dashboard?session={sid}"
+        if role == SUPPORT:
+            return f"{self.app_url}/admin/sessions/{sid}"
+        raise EmailCompositionError(f"unknown recipient role {role!r}")
+
+    # -- the email ----------------------------------------------------------------------
+
+    def recipient(self, role: str, session_id: str, contacts: Contacts) -> str:
+        if role == CUSTOMER:
+            return _address(contacts.customer_email, "customer", session_id)
+        if role == MECHANIC:
+            return _address(contacts.mechanic_email, "mechanic", session_id)
+        if role == SUPPORT:
+            if self.support_email is None:
+                raise MissingRecipient("SUPPORT_EMAIL is not set")
+            return self.support_email
+        raise EmailCompositionError(f"unknown recipient role {role!r}")
+
+    def context(self, key: ActionKey, role: str, row: Mapping[str, Any],
+                contacts: Contacts) -> dict[str, Any]:
+        try:
+            rule = self.table.by_name(key.rule)
+        except KeyError:
+            raise EmailCompositionError(f"rule {key.rule} is not in the rule table") from None
+        sid = key.session_id
+        # The rule's anchor instant (e.g. scheduled_for, ended_at), from the claim:
+        # due = anchor + direction * offset.
+        anchor = key.due_at - rule.direction * rule.offset
+        session_type = row.get("type") if row.get("type") in _SESSION_TYPES else None
+        customer_name = _clean_name(contacts.customer_name)
+        mechanic_name = _clean_name(contacts.mechanic_name)
+        return {
+            "rule": key.rule,
+            "role": role,
+            "session_id": sid,
+            "short_id": sid[:8],
+            "session_type": session_type,
+            "session_label": f"{session_type} session" if session_type else "session",
+            "duration": human_duration(rule.offset),
+            "anchor_at": human_instant(anchor),
+            "due_at": format_instant(key.due_at),
+            "link": self.link(role, sid),
+            "customer_name": customer_name,
+            "mechanic_name": mechanic_name,
+            "has_mechanic": bool(row.get("mechanic_id") or contacts.mechanic_email
+                                 or mechanic_name),
+            "recipient_name": {CUSTOMER: customer_name, MECHANIC: mechanic_name}.get(role),
+        }
+
+    def compose(self, key: ActionKey, role: str, row: Mapping[str, Any],
+                contacts: Contacts) -> OutgoingEmail:
+        if (key.rule, role) not in EMAILS:
+            raise EmailCompositionError(f"no email template for rule {key.rule} to {role}")
+        to = self.recipient(role, key.session_id, contacts)
+        ctx = self.context(key, role, row, contacts)
+        html_tmpl, text_tmpl = self._templates[template_name(key.rule, role)]
+        subject = _one_line(self._block(text_tmpl, "subject", ctx))
+        body = self._block(text_tmpl, "text", ctx).strip()
+        action = _one_line(self._block(text_tmpl, "action", ctx) or "Open the session")
+        text = _tidy_text(self._text_layout.render(ctx, body=body, action=action))
+        html = html_tmpl.render(ctx).strip() + "\n"
+        return OutgoingEmail(
+            to=to, sender=self.sender, subject=subject, html=html, text=text,
+            idempotency_key=f"{key.idempotency_key}/{role}",
+            rule=key.rule, session_id=key.session_id, role=role)
+
+    @staticmethod
+    def _block(template: Template, name: str, ctx: dict[str, Any]) -> str:
+        render = template.blocks.get(name)
+        if render is None:
+            return ""
+        return "".join(render(template.new_context(ctx)))
+
+
+# -- delivering ----------------------------------------------------------------------------
+
+class EmailDeliverer(Deliverer):
+    """The executor's email port: one email per recipient role, through the Mailer.
+
+    Returns {role: error} for every role that did not get its email, a missing
+    or invalid address included (a failure recorded in the ledger, never a
+    silent skip). Cancellation (shutdown) propagates.
+    """
+
+    def __init__(self, store: Store, composer: EmailComposer, mail: Mailer) -> None:
+        self.store = store
+        self.composer = composer
+        self.mail = mail
+
+    async def deliver(self, key: ActionKey, recipients: tuple[str, ...],
+                      row: dict[str, Any]) -> dict[str, str]:
+        roles = tuple(dict.fromkeys(recipients))  # once each, in order
+        if not roles:
+            return {}
+        try:
+            contacts = await self.store.contacts(key.session_id)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - recorded per recipient
+            error = f"contacts lookup failed: {type(exc).__name__}: {exc}"
+            return {role: error for role in roles}
+        results = await asyncio.gather(*(self._one(key, role, row, contacts) for role in roles))
+        return {role: error for role, error in zip(roles, results) if error is not None}
+
+    async def _one(self, key: ActionKey, role: str, row: dict[str, Any],
+                   contacts: Contacts) -> str | None:
+        try:
+            email = self.composer.compose(key, role, row, contacts)
+        except EmailCompositionError as exc:
+            log.warning("email_not_composed", rule=key.rule, session_id=key.session_id,
+                        role=role, error=str(exc))
+            return str(exc)
+        except Exception as exc:  # noqa: BLE001 - a template bug fails this email only
+            log.error("email_template_error", rule=key.rule, session_id=key.session_id,
+                      role=role, error=repr(exc))
+            return f"email template error: {type(exc).__name__}: {exc}"
+        delivery = await self.mail.deliver(email)
+        if delivery.ok:
+            return None
+        return delivery.error or f"not sent after {delivery.attempts} attempts"
