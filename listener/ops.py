@@ -1,0 +1,184 @@
+"""Ops endpoint: /healthz, /readyz and /metrics on an optional port.
+
+Off unless ``OPS_PORT`` is set; binds loopback (``OPS_HOST``, default
+127.0.0.1) unless told otherwise. Served by aiohttp on the daemon's own event
+loop, so a blocked loop shows up as a failing (or unanswered) /healthz.
+
+The daemon owns a :class:`Readiness` and updates it as it goes; the server
+only reads it, apart from ``last_loop_tick`` which its heartbeat task bumps
+every second.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
+
+from listener.metrics import REGISTRY
+
+if TYPE_CHECKING:
+    from listener.settings import Settings
+
+ROLES = ("starting", "active", "standby", "stopping")
+SERVING_ROLES = frozenset({"active", "standby"})
+
+DEFAULT_HOST = "127.0.0.1"
+HEARTBEAT_INTERVAL = 1.0  # seconds between heartbeat ticks
+STALE_AFTER = 5.0  # /healthz fails once the last tick is older than this
+
+
+class Readiness:
+    """What the daemon knows about itself, read by /healthz and /readyz.
+
+    ``role`` is one of ``starting`` (before the first lease attempt),
+    ``active`` (holding the lease), ``standby`` (another instance holds it)
+    and ``stopping`` (SIGTERM received). ``last_loop_tick`` is in
+    ``time.monotonic()`` seconds.
+    """
+
+    __slots__ = ("source_subscribed", "database_reachable", "_role", "last_loop_tick")
+
+    def __init__(self, *, source_subscribed: bool = False, database_reachable: bool = False,
+                 role: str = "starting", last_loop_tick: float | None = None) -> None:
+        self.source_subscribed = source_subscribed
+        self.database_reachable = database_reachable
+        self.role = role
+        self.last_loop_tick = time.monotonic() if last_loop_tick is None else last_loop_tick
+
+    @property
+    def role(self) -> str:
+        return self._role
+
+    @role.setter
+    def role(self, value: str) -> None:
+        if value not in ROLES:
+            raise ValueError(f"role must be one of {', '.join(ROLES)}, not {value!r}")
+        self._role = value
+
+    def tick(self, now: float | None = None) -> None:
+        self.last_loop_tick = time.monotonic() if now is None else now
+
+    def loop_age(self, now: float | None = None) -> float:
+        """Seconds since the last heartbeat tick."""
+        return (time.monotonic() if now is None else now) - self.last_loop_tick
+
+    def loop_alive(self, stale_after: float = STALE_AFTER, now: float | None = None) -> bool:
+        return self.loop_age(now) <= stale_after
+
+    def checks(self) -> dict[str, bool]:
+        return {
+            "source_subscribed": self.source_subscribed,
+            "database_reachable": self.database_reachable,
+            "lease": self.role in SERVING_ROLES,
+        }
+
+    def ready(self) -> bool:
+        return all(self.checks().values())
+
+    def __repr__(self) -> str:
+        return (f"Readiness(source_subscribed={self.source_subscribed}, "
+                f"database_reachable={self.database_reachable}, role={self.role!r}, "
+                f"last_loop_tick={self.last_loop_tick:.3f})")
+
+
+class OpsServer:
+    """aiohttp server for the ops routes. ``start()`` returns the bound port."""
+
+    def __init__(self, readiness: Readiness, host: str | None = DEFAULT_HOST, port: int = 0, *,
+                 registry: CollectorRegistry = REGISTRY,
+                 heartbeat_interval: float = HEARTBEAT_INTERVAL,
+                 stale_after: float = STALE_AFTER) -> None:
+        self.readiness = readiness
+        self.host = host or DEFAULT_HOST
+        self.requested_port = port
+        self.registry = registry
+        self.heartbeat_interval = heartbeat_interval
+        self.stale_after = stale_after
+        self.port: int | None = None
+        self._runner: web.AppRunner | None = None
+        self._heartbeat: asyncio.Task[None] | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings, readiness: Readiness) -> OpsServer | None:
+        """The server ``OPS_PORT``/``OPS_HOST`` ask for, or None when OPS_PORT is unset."""
+        if settings.ops_port is None:
+            return None
+        return cls(readiness, host=settings.ops_host, port=settings.ops_port)
+
+    def make_app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/metrics", self._metrics)
+        return app
+
+    async def start(self) -> int:
+        if self._runner is not None:
+            raise RuntimeError("OpsServer already started")
+        self.readiness.tick()
+        # access_log=None: probes every few seconds would drown the JSON logs.
+        # handle_signals=False (the default): SIGTERM belongs to the daemon.
+        # shutdown_timeout: stop() must fit in the daemon's 10 s SIGTERM budget.
+        runner = web.AppRunner(self.make_app(), access_log=None, handle_signals=False,
+                               shutdown_timeout=1.0)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, self.host, self.requested_port)
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        self.port = int(runner.addresses[0][1])
+        self._heartbeat = asyncio.create_task(self._beat(), name="ops-heartbeat")
+        return self.port
+
+    async def stop(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat
+            self._heartbeat = None
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            await runner.cleanup()
+
+    async def __aenter__(self) -> OpsServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.stop()
+
+    async def _beat(self) -> None:
+        while True:  # start() gave the first tick
+            await asyncio.sleep(self.heartbeat_interval)
+            self.readiness.tick()
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        age = self.readiness.loop_age()
+        heartbeat_running = self._heartbeat is not None and not self._heartbeat.done()
+        if age <= self.stale_after and heartbeat_running:
+            return web.json_response({"status": "ok", "loop_lag_s": round(age, 3)})
+        return web.json_response(
+            {"status": "stalled", "loop_lag_s": round(age, 3), "heartbeat": heartbeat_running},
+            status=503)
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        checks = self.readiness.checks()
+        ready = all(checks.values())
+        body = {"status": "ready" if ready else "not ready", "role": self.readiness.role,
+                "checks": checks}
+        return web.json_response(body, status=200 if ready else 503)
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        # The library's own negotiation, as in its WSGI/ASGI apps: the classic
+        # text format (version 0.0.4) unless the scraper asks for OpenMetrics
+        # or text version 1.0.0 in Accept.
+        encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+        return web.Response(body=encoder(self.registry), headers={"Content-Type": content_type})
