@@ -93,5 +93,120 @@ def rules_command() -> None:
         typer.echo(f"\nRULES_TIME_SCALE={table.time_scale:g}: offsets above are already divided.")
 
 
+def _configured():
+    """Settings, logging and the rule table, or a one-line exit."""
+    from listener.logs import configure_logging, register_secret
+
+    settings = load_settings()
+    try:
+        configure_logging(settings.log_level)
+    except ValueError as exc:
+        fail(str(exc))
+    for secret in (settings.supabase_service_role_key, settings.resend_api_key):
+        if secret is not None:
+            register_secret(secret.get_secret_value())
+    for url in (settings.database_url, settings.mqtt_url):
+        if url and "@" in url and ":" in url.split("@")[0].split("//")[-1]:
+            register_secret(url.split("@")[0].split("//")[-1].split(":", 1)[1])
+    return settings, load_table()
+
+
+@app.command()
+def run() -> None:
+    """The daemon: follow session changes, fire every deadline once, on time."""
+    from listener.runtime import ConfigError, serve
+
+    settings, table = _configured()
+    try:
+        asyncio.run(serve(settings, table))
+    except ConfigError as exc:
+        fail(str(exc))
+
+
+@app.command()
+def migrate(
+    print_sql: bool = typer.Option(False, "--print", help="write the SQL to stdout instead"),
+    reference: bool = typer.Option(
+        False, "--reference", help="also create the stand-in app schema (development only)"),
+) -> None:
+    """Apply migrations/ to DATABASE_URL (or the embedded database)."""
+    from listener import migrate as migrations
+
+    if print_sql:
+        sys.stdout.write(migrations.script(include_reference=reference))
+        return
+    settings, _ = _configured()
+    if settings.backend == "supabase" and not settings.database_url:
+        fail("the Supabase backend has no SQL connection: run `listener migrate --print` and "
+             "paste the output into the Supabase SQL editor, or set DATABASE_URL")
+    if settings.database_url:
+        import psycopg
+
+        try:
+            applied = migrations.apply(settings.database_url, include_reference=reference)
+        except psycopg.Error as exc:
+            fail(f"migration failed: {str(exc).strip().splitlines()[0]}")
+        target = "DATABASE_URL"
+    else:
+        from listener.runtime import embedded_conninfo
+
+        embedded_conninfo(settings.listener_data_dir)
+        applied, target = ["(embedded database up to date)"], str(settings.listener_data_dir)
+    typer.echo(f"{target}: applied {', '.join(applied) if applied else 'nothing (up to date)'}")
+
+
+@app.command()
+def plan(as_json: bool = typer.Option(False, "--json", help="JSON Lines instead of a table"),
+         limit: int = typer.Option(50, help="show at most this many")) -> None:
+    """The upcoming due actions in the configured database, soonest first."""
+    import json
+
+    from listener.clock import WallClock
+    from listener.engine import Engine
+    from listener.instants import format_duration, format_instant
+    from listener.runtime import ConfigError, open_backend
+
+    settings, table = _configured()
+
+    async def upcoming():
+        now = WallClock().now()
+        backend = await open_backend(settings, table, now)
+        try:
+            rows = await backend.store.tracked_rows()
+        finally:
+            await backend.close()
+        engine = Engine(table, settings.max_notify_lateness)
+        for row in rows:
+            try:
+                engine.upsert(row, now)
+            except ValueError:
+                continue
+        return now, list(engine.upcoming())[:limit], {r["id"]: r.get("status") for r in rows}
+
+    try:
+        now, items, statuses = asyncio.run(upcoming())
+    except ConfigError as exc:
+        fail(str(exc))
+    if as_json:
+        for due, rule, sid in items:
+            typer.echo(json.dumps({"due_at": format_instant(due), "rule": rule.name,
+                                   "session_id": sid, "status": statuses.get(sid),
+                                   "in_ms": (due - now) // 1000}))
+        return
+    rows = [("due at", "in", "rule", "session", "status")]
+    for due, rule, sid in items:
+        delta = due - now
+        when = ("overdue " + format_duration(-delta // 1_000_000 * 1_000_000)
+                if delta < 0 else format_duration(delta // 1_000_000 * 1_000_000 or 1_000_000))
+        rows.append((format_instant(due), when, rule.name, sid, statuses.get(sid) or ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    for i, row in enumerate(rows):
+        typer.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+        if i == 0:
+            typer.echo("  ".join("-" * w for w in widths))
+    if len(rows) == 1:
+        typer.echo("(nothing due)")
+
+
 def main() -> None:
     app()

@@ -19,7 +19,7 @@ from listener.engine import FIRE, LATE, SKIP, Decision, Engine, Timer
 from listener.instants import format_instant
 from listener.sessions import BadRow, parse_row
 from listener.store import (
-    APPLIED, CLAIMED, FENCED, MISSING, ActionKey, Fence, Fenced, Store)
+    APPLIED, CLAIMED, FENCED, MISSING, ActionKey, Fence, Fenced, Store, UnfinishedClaim)
 
 log = structlog.get_logger("listener.action")
 
@@ -64,12 +64,15 @@ class Executor:
         # Email delivery may be slow (rate limit, retries): live, it runs in the
         # background so status changes of other sessions never wait for it.
         self._background = background
+        # Claims being worked on by this process: not "unfinished", whatever the ledger says.
+        self.in_flight: set[ActionKey] = set()
 
-    async def run(self, timer: Timer, fired_at: int) -> ActionResult | None:
-        """Act on one popped timer. Returns the recorded result, or None when the
-        guard failed or the episode was already done."""
+    async def run(self, timer: Timer, fired_at: int,
+                  resumed: UnfinishedClaim | None = None) -> ActionResult | None:
+        """Act on one popped timer (or a claim a crash left unfinished). Returns the
+        recorded result, or None when the guard failed or it was already done."""
         try:
-            return await self._run(timer, fired_at)
+            return await self._run(timer, fired_at, resumed)
         except Fenced:
             raise
         except Exception as exc:  # noqa: BLE001 - one action's failure must not stop the loop
@@ -80,50 +83,87 @@ class Executor:
                       due_at=format_instant(timer.due), error=repr(exc))
             return None
 
-    async def _run(self, timer: Timer, fired_at: int) -> ActionResult | None:
-        engine, rule, sid = self.engine, timer.rule, timer.session_id
-        row = await self.store.read_session(sid)
-        if row is None:
-            engine.delete(sid)
-            log.debug("timer_dropped", rule=rule.name, session_id=sid, why="row gone")
+    async def resume(self, unfinished: UnfinishedClaim) -> ActionResult | None:
+        """Finish a claim left `claimed` by a crash, a lost lease or a failed call."""
+        key = unfinished.key
+        if key in self.in_flight:
             return None
-        state, _ = parse_row(row, engine.sessions.get(sid), fired_at)
-        if not engine.holds(timer, state):
+        index = next((i for i, r in enumerate(self.engine.rules) if r.name == key.rule), None)
+        if index is None:
+            claim = await self.store.claim(key, self.fence, self.clock.now())
+            if claim.outcome != CLAIMED:
+                return None
+            return await self._finish(key, self.clock.now(), SKIP,
+                                      detail={"why": "rule no longer enabled"})
+        timer = Timer(self.engine.rules[index], index, key.session_id, key.due_at)
+        return await self.run(timer, unfinished.fired_at or self.clock.now(), unfinished)
+
+    async def _run(self, timer: Timer, fired_at: int,
+                   resumed: UnfinishedClaim | None) -> ActionResult | None:
+        engine, rule, sid = self.engine, timer.rule, timer.session_id
+        key = ActionKey(rule.name, sid, timer.due)
+        row = await self.store.read_session(sid)
+        state = None
+        if row is not None:
+            state, _ = parse_row(row, engine.sessions.get(sid), fired_at)
+        holds = state is not None and engine.holds(timer, state)
+        if not holds and resumed is None:
             # Memory was behind the database; the fresh row re-arms what is owed.
             engine.release(timer)
-            engine.upsert(row, fired_at)
+            if row is None:
+                engine.delete(sid)
+            else:
+                engine.upsert(row, fired_at)
             log.debug("timer_dropped", rule=rule.name, session_id=sid, why="guard failed")
             return None
-        decision = engine.decide(timer, state, fired_at)
-        key = ActionKey(rule.name, sid, timer.due)
-        claim = await self.store.claim(key, self.fence, fired_at)
-        if claim.outcome == FENCED:
-            engine.release(timer)
-            raise Fenced(self.fence)
-        if claim.outcome != CLAIMED:
-            log.debug("already_done", rule=rule.name, session_id=sid)
-            return None
+        decision = engine.decide(timer, state, fired_at) if state is not None else None
+        self.in_flight.add(key)
+        try:
+            claim = await self.store.claim(key, self.fence, fired_at)
+            if claim.outcome == FENCED:
+                engine.release(timer)
+                raise Fenced(self.fence)
+            if claim.outcome != CLAIMED:
+                log.debug("already_done", rule=rule.name, session_id=sid)
+                return None
+            if decision is None or not (holds or claim.status_applied):
+                # Resumed after the row moved on, its status change never made.
+                return await self._finish(key, self.clock.now(), SKIP,
+                                          detail={"why": "row moved on", "now": row and
+                                                  row.get("status") or "deleted"})
+            return await self._act(timer, key, decision, claim.status_applied, row, fired_at)
+        finally:
+            self.in_flight.discard(key)
+
+    async def _act(self, timer: Timer, key: ActionKey, decision: Decision, status_applied: bool,
+                   row: dict[str, Any], fired_at: int) -> ActionResult | None:
+        rule = timer.rule
         fired_at = max(fired_at, self.clock.now())  # lateness includes the claim
         if decision.outcome == SKIP:
             return await self._finish(key, fired_at, SKIP, detail={"why": decision.detail})
         status = reason = None
         if rule.set_status is not None:
-            if claim.status_applied:
-                status, reason = rule.set_status.status, rule.set_status.reason
-            else:
+            if not status_applied:
                 moved = await self._change_status(timer, key, row, fired_at)
                 if moved is not None:
                     return await self._finish(key, fired_at, SKIP, detail=moved)
-                status, reason = rule.set_status.status, rule.set_status.reason
+            status, reason = rule.set_status.status, rule.set_status.reason
         if decision.outcome == FIRE and decision.recipients and self.deliverer is not None:
             work = self._deliver_and_finish(key, fired_at, decision, status, reason, row)
             if self._background is not None:
-                self._background(work)
+                self.in_flight.add(key)
+                self._background(self._tracked(key, work))
                 return None
             return await work
         outcome = LATE if decision.outcome == LATE else FIRE
         return await self._finish(key, fired_at, outcome, status, reason, decision.recipients,
                                   {"why": decision.detail} if decision.detail else {})
+
+    async def _tracked(self, key: ActionKey, work: Awaitable[ActionResult]) -> None:
+        try:
+            await work
+        finally:
+            self.in_flight.discard(key)
 
     async def _change_status(self, timer: Timer, key: ActionKey, row: dict[str, Any],
                              at: int) -> dict[str, Any] | None:

@@ -1,0 +1,370 @@
+"""The live daemon: lease, change intake, real-time timers, workers, reconcile.
+
+One engine and one executor, as in replay; here the clock is the wall clock,
+the store a database and the effects real. The timer loop only pops due timers
+and hands them to workers: claims and effects never run on the timer path.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import uuid
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
+
+import structlog
+
+from listener import metrics
+from listener.changes import Change
+from listener.clock import Clock
+from listener.effects import EventPublisher
+from listener.engine import Engine, Timer
+from listener.executor import ActionResult, Deliverer, Executor
+from listener.instants import HOUR, SECOND, Instant
+from listener.ops import Readiness
+from listener.sessions import BadRow, parse_row
+from listener.source import ChangeSource
+from listener.store import Fence, Fenced, Store
+from rules.table import RuleTable
+
+log = structlog.get_logger("listener.daemon")
+
+# A daemon whose next deadline is minutes away still wakes this often: long
+# single waits overshoot (timer slack), and a change may need it sooner.
+MAX_WAIT_S = 0.5
+WORKERS = 16
+QUEUE_LIMIT = 100_000
+
+
+@dataclass
+class DaemonConfig:
+    lease_ttl: Instant = 15 * SECOND
+    reconcile_interval: Instant = 60 * SECOND
+    max_notify_lateness: Instant = HOUR
+    shutdown_grace_s: float = 8.0
+    holder: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.holder:
+            self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+class LeaseLost(Exception):
+    pass
+
+
+class Daemon:
+    def __init__(self, table: RuleTable, store: Store, source: ChangeSource, clock: Clock,
+                 config: DaemonConfig | None = None, *, deliverer: Deliverer | None = None,
+                 publisher: EventPublisher | None = None, readiness: Readiness | None = None,
+                 on_result: Callable[[ActionResult], None] | None = None) -> None:
+        self.table = table
+        self.store = store
+        self.source = source
+        self.clock = clock
+        self.config = config or DaemonConfig()
+        self.deliverer = deliverer
+        self.publisher = publisher
+        self.readiness = readiness or Readiness()
+        self.on_result = on_result
+        self.engine: Engine | None = None
+        self.executor: Executor | None = None
+        self._changes: asyncio.Queue[Change] = asyncio.Queue(QUEUE_LIMIT)
+        self._wake: asyncio.Future[None] | None = None
+        self._sweep_requested = asyncio.Event()
+        self._swept_once = False
+        self._background: set[asyncio.Task[Any]] = set()
+        self._lost: asyncio.Future[BaseException] | None = None
+
+    # -- the ChangeSink the source feeds ---------------------------------------------
+
+    def put(self, change: Change) -> None:
+        try:
+            self._changes.put_nowait(change)
+        except asyncio.QueueFull:
+            # Memory is bounded; the sweep that follows finds what was dropped.
+            self.bad_input("queue_full", "change queue full: sweeping", change.session_id)
+            self._sweep_requested.set()
+
+    def bad_input(self, kind: str, detail: str, session_id: str | None = None) -> None:
+        metrics.BAD_INPUT.labels(kind).inc()
+        log.warning("bad_input", kind=kind, session_id=session_id, detail=detail[:500])
+
+    def subscribed(self, source: str) -> None:
+        self.readiness.source_subscribed = True
+        self._sweep_requested.set()
+
+    def unsubscribed(self, source: str, reason: str) -> None:
+        self.readiness.source_subscribed = False
+        log.warning("source_lost", source=source, reason=reason[:300])
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Stand by for the lease, act while holding it, until `stop` is set."""
+        try:
+            while not stop.is_set():
+                token = await self._acquire(stop)
+                if token is None:
+                    break
+                fence = Fence(self.config.holder, token)
+                try:
+                    await self._serve(fence, stop)
+                except LeaseLost as exc:
+                    log.error("lease_lost", holder=fence.holder, reason=str(exc))
+                    metrics.LEASE_HELD.set(0)
+        finally:
+            self.readiness.role = "stopping"
+
+    async def _acquire(self, stop: asyncio.Event) -> int | None:
+        ttl = self.config.lease_ttl / SECOND
+        announced = False
+        while not stop.is_set():
+            try:
+                token = await self.store.acquire_lease(self.config.holder, ttl)
+                self.readiness.database_reachable = True
+            except Exception as exc:  # noqa: BLE001 - the database may be down: keep trying
+                self.readiness.database_reachable = False
+                log.warning("lease_error", error=repr(exc))
+                token = None
+            if token is not None:
+                log.info("lease_acquired", holder=self.config.holder, token=token)
+                metrics.LEASE_HELD.set(1)
+                return token
+            if not announced:
+                log.info("standing_by", holder=self.config.holder)
+                announced = True
+            self.readiness.role = "standby"
+            try:
+                await asyncio.wait_for(stop.wait(), ttl / 3)
+            except TimeoutError:
+                pass
+        return None
+
+    async def _serve(self, fence: Fence, stop: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        self.engine = engine = Engine(self.table, self.config.max_notify_lateness)
+        self.executor = Executor(engine, self.store, self.clock, fence, deliverer=self.deliverer,
+                                 publisher=self.publisher, on_result=self.on_result,
+                                 background=self._spawn)
+        self._lost = loop.create_future()
+        self._swept_once = False
+        self.readiness.role = "active"
+        queues: list[asyncio.Queue[tuple[Timer, Instant] | None]] = [
+            asyncio.Queue() for _ in range(WORKERS)]
+        intake = [
+            asyncio.create_task(self.source.run(self), name="source"),
+            asyncio.create_task(self._consume_changes(), name="changes"),
+            asyncio.create_task(self._timer_loop(queues), name="timers"),
+            asyncio.create_task(self._reconcile_loop(), name="reconcile"),
+        ]
+        renewer = asyncio.create_task(self._renew_lease(fence), name="lease")
+        workers = [asyncio.create_task(self._worker(q), name=f"worker-{i}")
+                   for i, q in enumerate(queues)]
+        stopping = asyncio.create_task(stop.wait())
+        try:
+            done, _ = await asyncio.wait([stopping, self._lost, *intake],
+                                         return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task is not stopping and task is not self._lost and task.exception():
+                    log.error("task_failed", task=task.get_name(), error=repr(task.exception()))
+        finally:
+            self.readiness.role = "stopping"
+            self.readiness.source_subscribed = False
+            for task in intake:
+                task.cancel()
+            await asyncio.gather(*intake, return_exceptions=True)
+            # Let workers finish what they hold, then let emails in flight finish;
+            # anything cut short stays `claimed` and the next holder resumes it.
+            for q in queues:
+                q.put_nowait(None)
+            grace = self.config.shutdown_grace_s
+            await asyncio.wait([*workers, *self._background], timeout=grace)
+            for task in [*workers, *self._background]:
+                task.cancel()
+            renewer.cancel()
+            stopping.cancel()
+            await asyncio.gather(*workers, *self._background, renewer, stopping,
+                                 return_exceptions=True)
+            lost = self._lost.done()
+            if not lost:
+                try:
+                    await asyncio.wait_for(self.store.release_lease(fence), 2)
+                    log.info("lease_released", holder=fence.holder)
+                except Exception as exc:  # noqa: BLE001 - expiry releases it anyway
+                    log.warning("lease_release_failed", error=repr(exc))
+            metrics.LEASE_HELD.set(0)
+            metrics.TIMERS_ARMED.set(0)
+        if self._lost.done() and not stop.is_set():
+            raise LeaseLost(str(self._lost.result()))
+
+    def _spawn(self, work: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _lose(self, why: BaseException) -> None:
+        if self._lost is not None and not self._lost.done():
+            self._lost.set_result(why)
+
+    # -- the loops -----------------------------------------------------------------------------
+
+    def _poke(self) -> None:
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
+
+    async def _timer_loop(self, queues: list[asyncio.Queue[tuple[Timer, Instant] | None]]) -> None:
+        assert self.engine is not None
+        engine, clock, loop = self.engine, self.clock, asyncio.get_running_loop()
+        while True:
+            now = clock.now()
+            while (timer := engine.pop_due(now)) is not None:
+                queues[hash(timer.session_id) % len(queues)].put_nowait((timer, now))
+            metrics.TIMERS_ARMED.set(engine.armed)
+            metrics.SESSIONS_TRACKED.set(len(engine.sessions))
+            due = engine.next_due()
+            wait = MAX_WAIT_S if due is None else min(MAX_WAIT_S, max(0.0, (due - now) / SECOND))
+            self._wake = loop.create_future()
+            handle = loop.call_later(wait, self._poke)
+            try:
+                await self._wake
+            finally:
+                handle.cancel()
+
+    async def _worker(self, queue: asyncio.Queue[tuple[Timer, Instant] | None]) -> None:
+        assert self.executor is not None
+        while (item := await queue.get()) is not None:
+            timer, fired_at = item
+            try:
+                await self.executor.run(timer, fired_at)
+            except Fenced as exc:
+                self._lose(exc)
+                return
+
+    async def _consume_changes(self) -> None:
+        assert self.engine is not None
+        while True:
+            change = await self._changes.get()
+            try:
+                await self._apply(change)
+            except Exception as exc:  # noqa: BLE001 - one bad change must not stop intake
+                self.bad_input("change", repr(exc), change.session_id)
+
+    async def _apply(self, change: Change) -> None:
+        engine = self.engine
+        assert engine is not None
+        if change.type == "DELETE":
+            engine.delete(change.session_id)
+            self._poke()
+            return
+        row = change.record
+        if row is None or "status" not in row:
+            row = await self.store.read_session(change.session_id)
+            if row is None:
+                engine.delete(change.session_id)
+                return
+        try:
+            applied = engine.upsert(row, self.clock.now())
+        except BadRow as exc:
+            self.bad_input("row", str(exc), change.session_id)
+            return
+        self._report_problems(applied.session_id, applied.problems, applied.new_status)
+        self._poke()
+
+    def _report_problems(self, sid: str, problems: list[str], new_status: str | None) -> None:
+        for problem in problems:
+            self.bad_input("column", problem, sid)
+        if new_status is not None:
+            self.bad_input("unknown_status", f"status {new_status!r} treated as terminal", sid)
+
+    async def _reconcile_loop(self) -> None:
+        interval = self.config.reconcile_interval / SECOND
+        while True:
+            try:
+                await asyncio.wait_for(self._sweep_requested.wait(), interval)
+            except TimeoutError:
+                pass
+            self._sweep_requested.clear()
+            try:
+                await self.reconcile()
+                self.readiness.database_reachable = True
+            except Fenced as exc:
+                self._lose(exc)
+                return
+            except Exception as exc:  # noqa: BLE001 - try again at the next interval
+                self.readiness.database_reachable = False
+                log.error("reconcile_failed", error=repr(exc))
+
+    async def reconcile(self) -> int:
+        """Reload every row the rules care about, re-arm, resume unfinished claims.
+        Returns the drift: rows memory had wrong (after the first sweep)."""
+        engine, executor = self.engine, self.executor
+        assert engine is not None and executor is not None
+        rows = await self.store.tracked_rows()
+        seen: set[str] = set()
+        drift = 0
+        for count, row in enumerate(rows, 1):
+            sid = row.get("id") if isinstance(row, dict) else None
+            if not isinstance(sid, str):
+                self.bad_input("row", f"tracked row without id: {str(row)[:200]}")
+                continue
+            seen.add(sid)
+            known = engine.sessions.get(sid)
+            try:
+                if known is not None:
+                    state, _ = parse_row(row, known, self.clock.now())
+                    if not state.same_facts(known):
+                        # The sweep's snapshot may be older than a change already
+                        # applied: judge with the row as it is now.
+                        row = await self.store.read_session(sid) or row
+                        fresh, _ = parse_row(row, known, self.clock.now())
+                        drift += not fresh.same_facts(known)
+                elif self._swept_once:
+                    drift += 1
+                applied = engine.upsert(row, self.clock.now())
+                if known is None:
+                    self._report_problems(sid, applied.problems, applied.new_status)
+            except BadRow as exc:
+                self.bad_input("row", str(exc), sid)
+            if count % 500 == 0:
+                await asyncio.sleep(0)  # keep the timer loop on time
+        for sid in [s for s in engine.sessions if s not in seen]:
+            row = await self.store.read_session(sid)
+            if row is None:
+                engine.delete(sid)
+                drift += 1
+            else:
+                try:
+                    drift += engine.upsert(row, self.clock.now()).changed
+                except BadRow as exc:
+                    self.bad_input("row", str(exc), sid)
+        for unfinished in await self.store.unfinished_claims():
+            if unfinished.key not in executor.in_flight:
+                await executor.resume(unfinished)
+        metrics.RECONCILES.inc()
+        if self._swept_once:
+            metrics.RECONCILE_DRIFT.inc(drift)
+        log.info("reconciled", rows=len(rows), drift=drift, armed=engine.armed,
+                 first=not self._swept_once)
+        self._swept_once = True
+        self._poke()
+        return drift
+
+    async def _renew_lease(self, fence: Fence) -> None:
+        ttl = self.config.lease_ttl / SECOND
+        last_ok = asyncio.get_running_loop().time()
+        while True:
+            await asyncio.sleep(ttl / 3)
+            try:
+                if not await asyncio.wait_for(self.store.renew_lease(fence, ttl), ttl / 3):
+                    self._lose(LeaseLost("renewal refused: another instance holds the lease"))
+                    return
+                last_ok = asyncio.get_running_loop().time()
+                self.readiness.database_reachable = True
+            except Exception as exc:  # noqa: BLE001 - keep trying until the lease runs out
+                self.readiness.database_reachable = False
+                log.warning("lease_renew_failed", error=repr(exc))
+                if asyncio.get_running_loop().time() - last_ok > ttl * 0.8:
+                    self._lose(LeaseLost("could not renew before expiry"))
+                    return

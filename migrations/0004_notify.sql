@@ -1,0 +1,38 @@
+-- Row changes for the LISTEN/NOTIFY source (the PostgreSQL backend). Only the
+-- columns the rules read travel; NOTIFY payloads are limited to 8000 bytes, so
+-- an oversized one carries the id alone and the daemon reads the row.
+create or replace function public.listener_notify_session_change()
+returns trigger
+language plpgsql
+security definer
+set search_path = public, pg_temp
+as $$
+declare
+    payload text;
+    r public.sessions;
+begin
+    if tg_op = 'DELETE' then
+        r := old;
+        payload := jsonb_build_object('type', tg_op, 'old_record', jsonb_build_object('id', old.id))::text;
+    else
+        r := new;
+        payload := jsonb_build_object('type', tg_op, 'record', jsonb_build_object(
+            'id', r.id, 'status', r.status, 'mechanic_id', r.mechanic_id,
+            'status_changed_at', r.status_changed_at, 'scheduled_for', r.scheduled_for,
+            'started_at', r.started_at, 'expires_at', r.expires_at, 'ended_at', r.ended_at,
+            'summary_submitted_at', r.summary_submitted_at))::text;
+    end if;
+    if octet_length(payload) > 7900 then
+        payload := jsonb_build_object('type', tg_op, 'id', r.id, 'truncated', true)::text;
+    end if;
+    perform pg_notify('listener_sessions', payload);
+    return null;
+end
+$$;
+
+drop trigger if exists listener_notify_session_change on public.sessions;
+create trigger listener_notify_session_change
+    after insert or update or delete on public.sessions
+    for each row execute function public.listener_notify_session_change();
+
+revoke all on function public.listener_notify_session_change() from public;

@@ -1,0 +1,68 @@
+"""PostgreSQL for the tests: the server on 127.0.0.1:5432 when it answers, the
+embedded one (pgserver) otherwise; one fresh database per test, cloned from a
+template that has the reference schema and the migrations."""
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from typing import Iterator
+
+import psycopg
+import pytest
+
+from listener import migrate
+
+
+def _server_conninfo() -> tuple[str, object | None]:
+    for user in ("postgres", os.environ.get("USER") or "root"):
+        conninfo = f"host=127.0.0.1 port=5432 user={user} dbname=postgres connect_timeout=3"
+        try:
+            with psycopg.connect(conninfo) as conn:
+                conn.execute("select 1")
+            return conninfo, None
+        except psycopg.Error:
+            continue
+    import pgserver
+
+    folder = tempfile.mkdtemp(prefix="listener-pg-")
+    server = pgserver.get_server(folder, cleanup_mode="delete")
+    return server.get_uri(), server
+
+
+def with_dbname(conninfo: str, dbname: str) -> str:
+    if conninfo.startswith("postgresql://"):
+        base, _, query = conninfo.partition("?")
+        return base.rsplit("/", 1)[0] + "/" + dbname + ("?" + query if query else "")
+    return conninfo.replace("dbname=postgres", f"dbname={dbname}")
+
+
+@pytest.fixture(scope="session")
+def pg_admin() -> Iterator[str]:
+    conninfo, server = _server_conninfo()
+    yield conninfo
+    if server is not None:
+        server.cleanup()  # type: ignore[attr-defined]
+
+
+@pytest.fixture(scope="session")
+def pg_template(pg_admin: str) -> Iterator[str]:
+    name = f"listener_tpl_{os.getpid()}"
+    with psycopg.connect(pg_admin, autocommit=True) as conn:
+        conn.execute(f'drop database if exists "{name}"')
+        conn.execute(f'create database "{name}"')
+    migrate.apply(with_dbname(pg_admin, name), include_reference=True)
+    yield name
+    with psycopg.connect(pg_admin, autocommit=True) as conn:
+        conn.execute(f'drop database if exists "{name}" with (force)')
+
+
+@pytest.fixture
+def database(pg_admin: str, pg_template: str) -> Iterator[str]:
+    """A fresh, migrated database; its conninfo."""
+    name = f"listener_t_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(pg_admin, autocommit=True) as conn:
+        conn.execute(f'create database "{name}" template "{pg_template}"')
+    yield with_dbname(pg_admin, name)
+    with psycopg.connect(pg_admin, autocommit=True) as conn:
+        conn.execute(f'drop database if exists "{name}" with (force)')
