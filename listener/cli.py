@@ -208,5 +208,24 @@ def plan(as_json: bool = typer.Option(False, "--json", help="JSON Lines instead 
         typer.echo("(nothing due)")
 
 
+@app.command()
+def demo(timeout: float = typer.Option(240, help="give up after this many seconds")) -> None:
+    """The daemon on the embedded database with simulated sessions, until every rule fired."""
+    import os
+
+    from listener.demo import DEMO_SCALE, run_demo
+    from listener.logs import configure_logging
+
+    os.environ.setdefault("RULES_TIME_SCALE", str(DEMO_SCALE))
+    settings = load_settings()
+    if settings.backend != "embedded":
+        typer.echo("listener demo always uses the embedded database; DATABASE_URL and the "
+                   "Supabase variables are ignored here.", err=True)
+    configure_logging(os.environ.get("LOG_LEVEL", "WARNING"))
+    table = load_table()
+    ok = asyncio.run(run_demo(settings, table, typer.echo, timeout))
+    raise typer.Exit(0 if ok else 1)
+
+
 def main() -> None:
     app()

@@ -41,10 +41,15 @@ class Backend:
 def embedded_conninfo(data_dir: Path) -> str:
     """Start (or reuse) the embedded PostgreSQL under data_dir and migrate it,
     the reference app schema included: it is a local, throwaway database."""
-    import pgserver
+    import warnings
 
-    data_dir.mkdir(parents=True, exist_ok=True)
-    server = pgserver.get_server(str((data_dir / "pg").resolve()), cleanup_mode="stop")
+    with warnings.catch_warnings():
+        # pgserver asks platformdirs for a runtime dir it does not use here.
+        warnings.simplefilter("ignore")
+        import pgserver
+
+        data_dir.mkdir(parents=True, exist_ok=True)
+        server = pgserver.get_server(str((data_dir / "pg").resolve()), cleanup_mode="stop")
     conninfo = server.get_uri()
     migrate.apply(conninfo, include_reference=True)
     return conninfo
