@@ -79,7 +79,8 @@ class LiveDaemon:
 
     def __init__(self, conninfo: str, outbox: Path, env: dict[str, str] | None = None,
                  holder: str | None = None, lease_ttl_s: float = 3.0,
-                 reconcile_s: float = 60.0, store: SqlStore | None = None) -> None:
+                 reconcile_s: float = 60.0, store: SqlStore | None = None,
+                 sender: Any = None, publisher: Any = None, email_rate: float = 1000) -> None:
         self.conninfo = conninfo
         self.outbox = outbox
         self.table = load_rules(env if env is not None else FAST)
@@ -87,7 +88,8 @@ class LiveDaemon:
         self.results: list[ActionResult] = []
         composer = EmailComposer(self.table, "https://app.example", "Listener <l@example.com>",
                                  "support@example.com")
-        mailer = Mailer(OutboxSender(outbox), rate_per_second=1000)
+        mailer = Mailer(sender or OutboxSender(outbox), rate_per_second=email_rate,
+                        base_delay=0.05, max_delay=0.5)
         config = DaemonConfig(lease_ttl=int(lease_ttl_s * SECOND),
                               reconcile_interval=int(reconcile_s * SECOND),
                               holder=holder or f"test-{uuid.uuid4().hex[:6]}",
@@ -95,7 +97,7 @@ class LiveDaemon:
         self.daemon = Daemon(self.table, self.store, NotifySource(conninfo, idle_probe=2.0),
                              WallClock(), config,
                              deliverer=EmailDeliverer(self.store, composer, mailer),
-                             on_result=self.results.append)
+                             publisher=publisher, on_result=self.results.append)
         self.stop = asyncio.Event()
         self.task: asyncio.Task | None = None
 
