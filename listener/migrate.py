@@ -51,7 +51,9 @@ def script(include_reference: bool = False) -> str:
     """One SQL script for the Supabase SQL editor (idempotent, records itself)."""
     parts = ["-- The Auto Doctor session listener: migrations. Safe to run more than once.",
              "begin;", BOOTSTRAP]
-    for m in (reference_migrations() if include_reference else []) + listener_migrations():
+    for m in reference_migrations() if include_reference else []:
+        parts.append(f"-- reference/{m.name} (development only)\n{m.sql.rstrip()}\n")
+    for m in listener_migrations():
         parts.append(f"-- {m.name}\n{m.sql.rstrip()}\n")
         parts.append("insert into public.listener_migrations (name, checksum) values "
                      f"('{m.name}', '{m.checksum}') on conflict (name) do update set "
