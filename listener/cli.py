@@ -165,6 +165,7 @@ def plan(as_json: bool = typer.Option(False, "--json", help="JSON Lines instead 
     from listener.engine import Engine
     from listener.instants import format_duration, format_instant
     from listener.runtime import ConfigError, open_backend
+    from listener.store import all_tracked
 
     settings, table = _configured()
 
@@ -172,7 +173,7 @@ def plan(as_json: bool = typer.Option(False, "--json", help="JSON Lines instead 
         now = WallClock().now()
         backend = await open_backend(settings, table, now)
         try:
-            rows = await backend.store.tracked_rows()
+            rows = await all_tracked(backend.store)
         finally:
             await backend.close()
         engine = Engine(table, settings.max_notify_lateness)

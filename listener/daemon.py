@@ -114,6 +114,8 @@ class Daemon:
                 except LeaseLost as exc:
                     log.error("lease_lost", holder=fence.holder, reason=str(exc))
                     metrics.LEASE_HELD.set(0)
+                    # Not stopping (that means SIGTERM): trying to take the lease back.
+                    self.readiness.role = "standby"
         finally:
             self.readiness.role = "stopping"
 
@@ -122,7 +124,12 @@ class Daemon:
         announced = False
         while not stop.is_set():
             try:
-                token = await self.store.acquire_lease(self.config.holder, ttl)
+                # Bounded, and given up on SIGTERM: with the database unreachable the
+                # pool waits 30 s for a connection, which broke "exit within 10 s".
+                token = await self._attempt(
+                    self.store.acquire_lease(self.config.holder, ttl), stop, ttl)
+                if token is None and stop.is_set():
+                    break
                 self.readiness.database_reachable = True
             except Exception as exc:  # noqa: BLE001 - the database may be down: keep trying
                 self.readiness.database_reachable = False
@@ -136,11 +143,35 @@ class Daemon:
                 log.info("standing_by", holder=self.config.holder)
                 announced = True
             self.readiness.role = "standby"
+            # A standby follows no changes, so it has no subscription to lose:
+            # the source check passes while standing by (SPEC 5: ready when "lease
+            # held or standing by"; a Render deploy starts the new instance as a
+            # standby next to the old one). _serve resets it before subscribing.
+            self.readiness.source_subscribed = True
             try:
                 await asyncio.wait_for(stop.wait(), ttl / 3)
             except TimeoutError:
                 pass
         return None
+
+    @staticmethod
+    async def _attempt(work: Awaitable[Any], stop: asyncio.Event, timeout: float) -> Any:
+        """`work`'s result; None (work cancelled) once `stop` is set; TimeoutError
+        after `timeout` s. A lease taken by a cancelled attempt simply expires."""
+        task = asyncio.ensure_future(work)
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait([task, stopping], timeout=timeout,
+                               return_when=asyncio.FIRST_COMPLETED)
+            if task.done():
+                return task.result()
+        finally:
+            stopping.cancel()
+            task.cancel()  # no-op once done
+        await asyncio.gather(task, return_exceptions=True)
+        if stop.is_set():
+            return None
+        raise TimeoutError(f"no answer within {timeout:g} s")
 
     async def _serve(self, fence: Fence, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
@@ -150,6 +181,7 @@ class Daemon:
                                  background=self._spawn)
         self._lost = loop.create_future()
         self._swept_once = False
+        self.readiness.source_subscribed = False  # set by the source once subscribed
         self.readiness.role = "active"
         queues: list[asyncio.Queue[tuple[Timer, Instant] | None]] = [
             asyncio.Queue() for _ in range(WORKERS)]
@@ -301,34 +333,15 @@ class Daemon:
         Returns the drift: rows memory had wrong (after the first sweep)."""
         engine, executor = self.engine, self.executor
         assert engine is not None and executor is not None
-        rows = await self.store.tracked_rows()
         seen: set[str] = set()
         drift = 0
-        for count, row in enumerate(rows, 1):
-            sid = row.get("id") if isinstance(row, dict) else None
-            if not isinstance(sid, str):
-                self.bad_input("row", f"tracked row without id: {str(row)[:200]}")
-                continue
-            seen.add(sid)
-            known = engine.sessions.get(sid)
-            try:
-                if known is not None:
-                    state, _ = parse_row(row, known, self.clock.now())
-                    if not state.same_facts(known):
-                        # The sweep's snapshot may be older than a change already
-                        # applied: judge with the row as it is now.
-                        row = await self.store.read_session(sid) or row
-                        fresh, _ = parse_row(row, known, self.clock.now())
-                        drift += not fresh.same_facts(known)
-                elif self._swept_once:
-                    drift += 1
-                applied = engine.upsert(row, self.clock.now())
-                if known is None:
-                    self._report_problems(sid, applied.problems, applied.new_status)
-            except BadRow as exc:
-                self.bad_input("row", str(exc), sid)
-            if count % 500 == 0:
-                await asyncio.sleep(0)  # keep the timer loop on time
+        count = 0
+        async for page in self.store.tracked_pages():
+            for row in page:
+                count += 1
+                drift += await self._reconcile_row(row, seen)
+                if count % 500 == 0:
+                    await asyncio.sleep(0)  # keep the timer loop on time
         for sid in [s for s in engine.sessions if s not in seen]:
             row = await self.store.read_session(sid)
             if row is None:
@@ -345,10 +358,42 @@ class Daemon:
         metrics.RECONCILES.inc()
         if self._swept_once:
             metrics.RECONCILE_DRIFT.inc(drift)
-        log.info("reconciled", rows=len(rows), drift=drift, armed=engine.armed,
+        log.info("reconciled", rows=count, drift=drift, armed=engine.armed,
                  first=not self._swept_once)
         self._swept_once = True
         self._poke()
+        return drift
+
+    async def _reconcile_row(self, row: dict[str, Any], seen: set[str]) -> int:
+        """Bring memory in line with one tracked row; 1 when memory had it wrong."""
+        engine = self.engine
+        assert engine is not None
+        sid = row.get("id") if isinstance(row, dict) else None
+        if not isinstance(sid, str):
+            self.bad_input("row", f"tracked row without id: {str(row)[:200]}")
+            return 0
+        seen.add(sid)
+        known = engine.sessions.get(sid)
+        if known is not None and known.version is not None \
+                and known.version == row.get("_version"):
+            return 0  # memory already holds this version of the row
+        drift = 0
+        try:
+            if known is not None:
+                state, _ = parse_row(row, known, self.clock.now())
+                if not state.same_facts(known):
+                    # The sweep's snapshot may be older than a change already
+                    # applied: judge with the row as it is now.
+                    row = await self.store.read_session(sid) or row
+                    fresh, _ = parse_row(row, known, self.clock.now())
+                    drift = int(not fresh.same_facts(known))
+            elif self._swept_once:
+                drift = 1
+            applied = engine.upsert(row, self.clock.now())
+            if known is None:
+                self._report_problems(sid, applied.problems, applied.new_status)
+        except BadRow as exc:
+            self.bad_input("row", str(exc), sid)
         return drift
 
     async def _renew_lease(self, fence: Fence) -> None:

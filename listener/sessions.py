@@ -26,12 +26,15 @@ class SessionState:
     integer instants, interned ids of mechanics."""
 
     __slots__ = ("id", "status", "mechanic_id", "status_changed_at", "scheduled_for",
-                 "started_at", "expires_at", "ended_at", "summary_submitted_at", "fired")
+                 "started_at", "expires_at", "ended_at", "summary_submitted_at", "version",
+                 "fired")
+    FACTS = __slots__[:-2]
 
     def __init__(self, id: str, status: str, mechanic_id: str | None = None,
                  status_changed_at: Instant | None = None, scheduled_for: Instant | None = None,
                  started_at: Instant | None = None, expires_at: Instant | None = None,
                  ended_at: Instant | None = None, summary_submitted_at: Instant | None = None,
+                 version: str | None = None,
                  fired: tuple[tuple[int, Instant], ...] = ()) -> None:
         self.id = id
         self.status = status
@@ -42,11 +45,15 @@ class SessionState:
         self.expires_at = expires_at
         self.ended_at = ended_at
         self.summary_submitted_at = summary_submitted_at
+        # The row's version in the database (its xmin), when the source knows it:
+        # acting on it is then a compare-and-set against the state decided on.
+        self.version = version
         # (rule index, due instant) of episodes already fired: an episode fires once.
         self.fired = fired
 
     def same_facts(self, other: SessionState) -> bool:
-        return all(getattr(self, s) == getattr(other, s) for s in self.__slots__[:-1])
+        """Equal in everything a rule reads (the version may differ)."""
+        return all(getattr(self, s) == getattr(other, s) for s in self.FACTS)
 
     def __repr__(self) -> str:
         return "SessionState(" + ", ".join(f"{s}={getattr(self, s)!r}" for s in self.__slots__) + ")"
@@ -106,9 +113,10 @@ def parse_row(row: Mapping[str, Any], previous: SessionState | None,
                     changed_at = parse_instant(row.get(column))
                 except BadInstant:
                     pass
+    version = row.get("_version")
     state = SessionState(
         sys.intern(sid) if previous is None else previous.id,
         sys.intern(status),
         sys.intern(mechanic) if mechanic else None,
-        changed_at, *values)
+        changed_at, *values, version if type(version) is str else None)
     return state, problems

@@ -5,7 +5,7 @@ in memory (replay, unit tests), with one semantics.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Protocol, Sequence
+from typing import Any, AsyncIterator, NamedTuple, Protocol
 
 from listener.instants import Instant, format_instant
 
@@ -30,19 +30,32 @@ class Fence:
     token: int
 
 
-CLAIMED, DONE, FENCED = "claimed", "done", "fenced"
-APPLIED, CONFLICT, MISSING = "applied", "conflict", "missing"
+CLAIMED, DONE, FENCED, STALE, CONFLICT, MISSING = (
+    "claimed", "done", "fenced", "stale", "conflict", "missing")
 
 
-class Claim(NamedTuple):
-    outcome: str  # CLAIMED | DONE | FENCED
-    status_applied: bool = False  # a previous attempt already changed the status
+class Fired(NamedTuple):
+    """What listener_fire answered."""
+
+    outcome: str  # CLAIMED | DONE | FENCED | STALE | CONFLICT | MISSING
+    status_applied: bool = False  # the status change is made (now or by an earlier attempt)
     attempts: int = 1
+    row: dict[str, Any] | None = None  # the row after the change (CLAIMED), or as it is now
 
 
-class Transition(NamedTuple):
-    outcome: str  # APPLIED | CONFLICT | MISSING | FENCED
-    row: dict[str, Any] | None = None  # the row after the change, or as it is now
+@dataclass(frozen=True, slots=True)
+class FireRequest:
+    """One call of listener_fire; see migrations/0003_functions.sql."""
+
+    key: ActionKey
+    fired_at: Instant
+    version: str | None = None  # act only if the row is still at this version
+    expected: tuple[str, ...] | None = None  # statuses the compare-and-set accepts
+    status: str | None = None
+    reason: str | None = None
+    finish: str | None = None  # complete the claim with this outcome, in the same call
+    lateness_ms: int | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,17 +91,15 @@ class Fenced(Exception):
 
 
 class Store(Protocol):
-    async def tracked_rows(self) -> list[dict[str, Any]]:
-        """Every row a rule may care about: non-terminal, or completed and owing a summary."""
+    def tracked_pages(self) -> AsyncIterator[list[dict[str, Any]]]:
+        """Every row a rule may care about (non-terminal, or completed and owing a
+        summary), in pages, with the rule columns and `_version`."""
 
     async def read_session(self, session_id: str) -> dict[str, Any] | None:
         """The row now, with an opaque `_version` for compare-and-set."""
 
-    async def claim(self, key: ActionKey, fence: Fence, fired_at: Instant) -> Claim: ...
-
-    async def transition(self, key: ActionKey, fence: Fence, expected: Sequence[str],
-                         version: str | None, status: str, reason: str,
-                         at: Instant) -> Transition: ...
+    async def fire(self, request: FireRequest, fence: Fence) -> Fired:
+        """Check the row's version, claim, change the status, finish: one transaction."""
 
     async def complete(self, key: ActionKey, fence: Fence, outcome: str, fired_at: Instant,
                        lateness_ms: int, detail: dict[str, Any]) -> bool:
@@ -104,3 +115,10 @@ class Store(Protocol):
     async def renew_lease(self, fence: Fence, ttl_seconds: float) -> bool: ...
 
     async def release_lease(self, fence: Fence) -> None: ...
+
+
+async def all_tracked(store: Store) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    async for page in store.tracked_pages():
+        rows.extend(page)
+    return rows

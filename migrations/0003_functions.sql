@@ -23,19 +23,38 @@ as $$
     select public.listener_session_json(s, s.xmin) from public.sessions s where s.id = p_session_id
 $$;
 
+-- The columns the rules read, with the row version: what the sweep loads.
+create or replace function public.listener_rule_json(s public.sessions, version xid)
+returns jsonb
+language sql
+immutable
+as $$
+    select jsonb_build_object(
+        'id', s.id, 'status', s.status, 'mechanic_id', s.mechanic_id,
+        'status_changed_at', s.status_changed_at, 'scheduled_for', s.scheduled_for,
+        'started_at', s.started_at, 'expires_at', s.expires_at, 'ended_at', s.ended_at,
+        'summary_submitted_at', s.summary_submitted_at, '_version', version::text)
+$$;
+
 -- Rows any rule may care about: open sessions, and completed ones that may
 -- still owe a summary (ended after p_completed_since). Keyset pages by id.
 create or replace function public.listener_tracked_sessions(
     p_after uuid default null,
     p_limit integer default 5000,
     p_completed_since timestamptz default null)
-returns setof jsonb
+returns table (
+    id text, status text, mechanic_id text, status_changed_at timestamptz,
+    scheduled_for timestamptz, started_at timestamptz, expires_at timestamptz,
+    ended_at timestamptz, summary_submitted_at timestamptz, _version text)
 language sql
 stable
 security definer
 set search_path = public, pg_temp
 as $$
-    select public.listener_session_json(s, s.xmin)
+    -- Columns, not JSON: at start-up this returns every open session, and
+    -- building and parsing a JSON document per row costs several times more.
+    select s.id::text, s.status, s.mechanic_id::text, s.status_changed_at, s.scheduled_for,
+           s.started_at, s.expires_at, s.ended_at, s.summary_submitted_at, s.xmin::text
       from public.sessions s
      where (p_after is null or s.id > p_after)
        and (s.status in ('pending', 'scheduled', 'accepted', 'waiting', 'live', 'reconnecting')
@@ -62,12 +81,26 @@ as $$
            for share)
 $$;
 
--- Claim (rule, session, due). 'claimed': go ahead (status_applied says a
--- previous attempt already changed the status); 'done': it already happened;
--- 'fenced': this instance no longer holds the lease.
-create or replace function public.listener_claim(
+-- Act on a due episode (rule, session, due) in one transaction:
+--  1. with p_version: the row must still be at that version (the state the
+--     daemon decided on), else 'stale' with the row as it is now, and nothing
+--     is claimed: the daemon re-checks its rule against it;
+--  2. claim it in the ledger: 'done' if it already happened; a claim left
+--     unfinished by a crashed or replaced holder is taken over;
+--  3. with p_status: compare-and-set the status (must be one of p_expected),
+--     merging metadata.listener and keeping every other key; 'conflict' with
+--     the row when the status moved on (the claim stays for the daemon to
+--     record as skipped);
+--  4. with p_finish: complete the claim with that outcome.
+-- 'fenced' when (p_holder, p_token) no longer holds the lease; 'missing' when
+-- the row is gone and a row check was asked for.
+create or replace function public.listener_fire(
     p_rule text, p_session_id uuid, p_due_at timestamptz,
-    p_holder text, p_token bigint, p_fired_at timestamptz)
+    p_holder text, p_token bigint, p_fired_at timestamptz,
+    p_version text default null, p_expected text[] default null,
+    p_status text default null, p_reason text default null,
+    p_finish text default null, p_lateness_ms bigint default null,
+    p_detail jsonb default '{}'::jsonb)
 returns jsonb
 language plpgsql
 security definer
@@ -75,90 +108,79 @@ set search_path = public, pg_temp
 as $$
 declare
     entry public.listener_ledger;
+    s public.sessions;
+    row_version xid;
+    applied boolean := false;
+    attempts integer := 1;
 begin
     if not public.listener_fence_ok(p_holder, p_token) then
         return jsonb_build_object('outcome', 'fenced');
+    end if;
+    if p_version is not null or p_status is not null then
+        select x.xmin into row_version from public.sessions x where x.id = p_session_id for update;
+        if not found then
+            return jsonb_build_object('outcome', 'missing');
+        end if;
+        select * into s from public.sessions where id = p_session_id;
+        if p_version is not null and row_version::text <> p_version then
+            return jsonb_build_object('outcome', 'stale',
+                                      'row', public.listener_session_json(s, row_version));
+        end if;
     end if;
     insert into public.listener_ledger (rule, session_id, due_at, holder, fencing_token, fired_at)
     values (p_rule, p_session_id, p_due_at, p_holder, p_token, p_fired_at)
     on conflict do nothing;
-    if found then
-        return jsonb_build_object('outcome', 'claimed', 'status_applied', false, 'attempts', 1);
-    end if;
-    select * into entry from public.listener_ledger
-     where rule = p_rule and session_id = p_session_id and due_at = p_due_at
-       for update;
-    if entry.state <> 'claimed' then
-        return jsonb_build_object('outcome', 'done');
-    end if;
-    -- Left unfinished by a crashed or replaced holder: the lease says it is ours now.
-    update public.listener_ledger
-       set holder = p_holder, fencing_token = p_token, attempts = attempts + 1
-     where rule = p_rule and session_id = p_session_id and due_at = p_due_at
-    returning * into entry;
-    return jsonb_build_object('outcome', 'claimed', 'status_applied', entry.status_applied,
-                              'attempts', entry.attempts);
-end
-$$;
-
--- Compare-and-set of the session's status for a claimed action, in one
--- transaction with the ledger. 'applied' with the new row; 'conflict' with the
--- row as it is (status not expected, or changed since p_version was read);
--- 'missing'; 'fenced'. Merges metadata.listener, keeps every other key.
-create or replace function public.listener_transition(
-    p_rule text, p_session_id uuid, p_due_at timestamptz,
-    p_holder text, p_token bigint, p_expected text[], p_version text,
-    p_status text, p_reason text, p_at timestamptz)
-returns jsonb
-language plpgsql
-security definer
-set search_path = public, pg_temp
-as $$
-declare
-    s public.sessions;
-    current_version xid;
-begin
-    if not public.listener_fence_ok(p_holder, p_token) then
-        return jsonb_build_object('outcome', 'fenced');
-    end if;
-    perform 1 from public.listener_ledger
-     where rule = p_rule and session_id = p_session_id and due_at = p_due_at
-       and state = 'claimed' and holder = p_holder and fencing_token = p_token
-       for update;
     if not found then
-        return jsonb_build_object('outcome', 'fenced');
+        select * into entry from public.listener_ledger
+         where rule = p_rule and session_id = p_session_id and due_at = p_due_at for update;
+        if entry.state <> 'claimed' then
+            return jsonb_build_object('outcome', 'done');
+        end if;
+        update public.listener_ledger
+           set holder = p_holder, fencing_token = p_token, attempts = listener_ledger.attempts + 1
+         where rule = p_rule and session_id = p_session_id and due_at = p_due_at
+        returning * into entry;
+        applied := entry.status_applied;
+        attempts := entry.attempts;
     end if;
-    select x.xmin into current_version from public.sessions x where x.id = p_session_id for update;
-    if not found then
-        return jsonb_build_object('outcome', 'missing');
+    if p_status is not null and not applied then
+        if p_expected is not null and not (s.status = any (p_expected)) then
+            return jsonb_build_object('outcome', 'conflict', 'attempts', attempts,
+                                      'row', public.listener_session_json(s, row_version));
+        end if;
+        update public.sessions x
+           set status = p_status,
+               metadata = coalesce(x.metadata, '{}'::jsonb) || jsonb_build_object(
+                   'listener', jsonb_build_object('reason', p_reason, 'rule', p_rule,
+                                                  'at', p_fired_at)),
+               ended_at = case when p_status = 'completed' then coalesce(x.ended_at, p_fired_at)
+                               else x.ended_at end,
+               updated_at = now()
+         where x.id = p_session_id;
+        if p_status = 'cancelled' and exists (
+            select 1 from information_schema.columns
+             where table_schema = 'public' and table_name = 'sessions'
+               and column_name = 'cancelled_at')
+        then
+            execute 'update public.sessions set cancelled_at = coalesce(cancelled_at, $1) '
+                    'where id = $2' using p_fired_at, p_session_id;
+        end if;
+        update public.listener_ledger set status_applied = true
+         where rule = p_rule and session_id = p_session_id and due_at = p_due_at;
+        applied := true;
+        select x.xmin into row_version from public.sessions x where x.id = p_session_id;
+        select * into s from public.sessions where id = p_session_id;
     end if;
-    select * into s from public.sessions where id = p_session_id;
-    if not (s.status = any (p_expected))
-       or (p_version is not null and current_version::text <> p_version) then
-        return jsonb_build_object('outcome', 'conflict',
-                                  'row', public.listener_session_json(s, current_version));
+    if p_finish is not null then
+        update public.listener_ledger
+           set state = p_finish, fired_at = p_fired_at, lateness_ms = p_lateness_ms,
+               detail = coalesce(p_detail, '{}'::jsonb), completed_at = clock_timestamp()
+         where rule = p_rule and session_id = p_session_id and due_at = p_due_at;
     end if;
-    update public.sessions x
-       set status = p_status,
-           metadata = coalesce(x.metadata, '{}'::jsonb) || jsonb_build_object(
-               'listener', jsonb_build_object('reason', p_reason, 'rule', p_rule, 'at', p_at)),
-           ended_at = case when p_status = 'completed' then coalesce(x.ended_at, p_at)
-                           else x.ended_at end,
-           updated_at = now()
-     where x.id = p_session_id;
-    if p_status = 'cancelled' and exists (
-        select 1 from information_schema.columns
-         where table_schema = 'public' and table_name = 'sessions' and column_name = 'cancelled_at')
-    then
-        execute 'update public.sessions set cancelled_at = coalesce(cancelled_at, $1) where id = $2'
-          using p_at, p_session_id;
-    end if;
-    update public.listener_ledger set status_applied = true
-     where rule = p_rule and session_id = p_session_id and due_at = p_due_at;
-    select x.xmin into current_version from public.sessions x where x.id = p_session_id;
-    select * into s from public.sessions where id = p_session_id;
-    return jsonb_build_object('outcome', 'applied',
-                              'row', public.listener_session_json(s, current_version));
+    return jsonb_build_object(
+        'outcome', 'claimed', 'status_applied', applied, 'attempts', attempts,
+        'row', case when row_version is null then null
+                    else public.listener_session_json(s, row_version) end);
 end
 $$;
 

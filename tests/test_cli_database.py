@@ -56,7 +56,7 @@ def test_migrate_then_run_requirements_met(pg_admin: str) -> None:
 
 def test_printed_sql_runs_twice_in_a_fresh_database(pg_admin: str) -> None:
     script = listener("migrate", "--print", "--reference").stdout
-    assert script.startswith("--") and "listener_claim" in script
+    assert script.startswith("--") and "listener_fire" in script
     conninfo = empty_database(pg_admin)
     with psycopg.connect(conninfo, autocommit=True) as conn:
         conn.execute(script)

@@ -61,16 +61,19 @@ def oracle_due(rule, raw: dict) -> datetime | None:
 
 
 def run(events):
-    """Replay, recording the raw row each action saw when it claimed."""
+    """Replay, recording the raw row each action acted on when it claimed."""
     replay = Replay(TABLE)
     seen: list[tuple[ActionKey, dict]] = []
-    claim = replay.store.claim
+    fire = replay.store.fire
 
-    async def spying_claim(key, fence, fired_at):
-        seen.append((key, dict(replay.store.rows[key.session_id])))
-        return await claim(key, fence, fired_at)
+    async def spying_fire(request, fence):
+        before = dict(replay.store.rows.get(request.key.session_id) or {})
+        answer = await fire(request, fence)
+        if answer.outcome == "claimed" and request.finish != "skipped":
+            seen.append((request.key, before))
+        return answer
 
-    replay.store.claim = spying_claim  # type: ignore[method-assign]
+    replay.store.fire = spying_fire  # type: ignore[method-assign]
 
     async def go():
         for e in events:

@@ -14,17 +14,18 @@ from tests.live import (
 
 
 class AppWinsTheRace(SqlStore):
-    """The app changes the row between the daemon's claim and its status change."""
+    """The app changes the row after the daemon decided, before it acts."""
 
     def __init__(self, conninfo: str, **app_change: object) -> None:
         super().__init__(conninfo)
         self.app_change = app_change
+        self.raced = False
 
-    async def claim(self, key, fence, fired_at):  # type: ignore[no-untyped-def]
-        result = await super().claim(key, fence, fired_at)
-        if key.rule == "request_expiry":
-            update_session(self.conninfo_for_app, key.session_id, **self.app_change)
-        return result
+    async def fire(self, request, fence):  # type: ignore[no-untyped-def]
+        if request.key.rule == "request_expiry" and not self.raced:
+            self.raced = True
+            update_session(self.conninfo_for_app, request.key.session_id, **self.app_change)
+        return await super().fire(request, fence)
 
 
 async def test_compare_and_set_loses_cleanly_to_the_app(database: str, tmp_path: Path) -> None:
@@ -51,17 +52,16 @@ class CrashAfter(SqlStore):
         super().__init__(conninfo)
         self.step = step
 
-    async def claim(self, key, fence, fired_at):  # type: ignore[no-untyped-def]
-        result = await super().claim(key, fence, fired_at)
-        if self.step == "claim" and key.rule == "request_expiry":
-            raise asyncio.CancelledError
+    async def fire(self, request, fence):  # type: ignore[no-untyped-def]
+        result = await super().fire(request, fence)
+        if self.step == "claim" and request.key.rule == "request_expiry":
+            raise asyncio.CancelledError  # claimed and expired, nobody emailed
         return result
 
-    async def transition(self, key, *args):  # type: ignore[no-untyped-def]
-        result = await super().transition(key, *args)
-        if self.step == "transition":
-            raise asyncio.CancelledError
-        return result
+    async def complete(self, key, *args):  # type: ignore[no-untyped-def]
+        if self.step == "email" and key.rule == "request_expiry":
+            raise asyncio.CancelledError  # emailed, not recorded as done
+        return await super().complete(key, *args)
 
 
 async def crash_then_restart(database: str, tmp_path: Path, step: str) -> str:
@@ -87,12 +87,13 @@ async def crash_then_restart(database: str, tmp_path: Path, step: str) -> str:
     return sid
 
 
-async def test_crash_between_claim_and_status_change(database: str, tmp_path: Path) -> None:
+async def test_crash_after_claim_and_status_change_before_email(
+        database: str, tmp_path: Path) -> None:
     await crash_then_restart(database, tmp_path, "claim")
 
 
-async def test_crash_after_status_change_before_email(database: str, tmp_path: Path) -> None:
-    await crash_then_restart(database, tmp_path, "transition")
+async def test_crash_after_email_before_it_is_recorded(database: str, tmp_path: Path) -> None:
+    await crash_then_restart(database, tmp_path, "email")
 
 
 async def test_two_daemons_fire_every_action_once(database: str, tmp_path: Path) -> None:

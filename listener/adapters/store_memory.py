@@ -1,12 +1,12 @@
 """The store in memory: replay and unit tests. Same contract as the SQL functions."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, AsyncIterator
 
 from listener.instants import Instant, format_instant
 from listener.store import (
-    APPLIED, CLAIMED, CONFLICT, DONE, FENCED, MISSING, ActionKey, Claim, Contacts, Fence,
-    LedgerEntry, Transition, UnfinishedClaim)
+    CONFLICT, DONE, FENCED, MISSING, STALE, CLAIMED, ActionKey, Contacts, Fence, FireRequest,
+    Fired, LedgerEntry, UnfinishedClaim)
 from rules.table import TERMINAL
 
 
@@ -16,6 +16,7 @@ class MemoryStore:
         self.ledger: dict[ActionKey, LedgerEntry] = {}
         self.lease: tuple[str, int] | None = None
         self._token = 0
+        self._versions = 0  # stands in for xmin: every write makes a new version
 
     # -- what the app (or a replay log) does to the table ------------------------
 
@@ -29,18 +30,23 @@ class MemoryStore:
                 row["status_changed_at"] = previous.get("status_changed_at")
             else:
                 row["status_changed_at"] = format_instant(at)
+        row["_version"] = self._next_version()
         self.rows[row["id"]] = row
         return row
+
+    def _next_version(self) -> str:
+        self._versions += 1
+        return str(self._versions)
 
     def remove(self, session_id: str) -> None:
         self.rows.pop(session_id, None)
 
     # -- the Store port ----------------------------------------------------------------
 
-    async def tracked_rows(self) -> list[dict[str, Any]]:
-        return [dict(r) for r in self.rows.values()
-                if r.get("status") not in TERMINAL
-                or (r.get("status") == "completed" and r.get("summary_submitted_at") is None)]
+    async def tracked_pages(self) -> AsyncIterator[list[dict[str, Any]]]:
+        yield [dict(r) for r in self.rows.values()
+               if r.get("status") not in TERMINAL
+               or (r.get("status") == "completed" and r.get("summary_submitted_at") is None)]
 
     async def read_session(self, session_id: str) -> dict[str, Any] | None:
         row = self.rows.get(session_id)
@@ -49,39 +55,50 @@ class MemoryStore:
     def _fenced(self, fence: Fence) -> bool:
         return self.lease is not None and self.lease != (fence.holder, fence.token)
 
-    async def claim(self, key: ActionKey, fence: Fence, fired_at: Instant) -> Claim:
+    async def fire(self, request: FireRequest, fence: Fence) -> Fired:
+        """listener_fire, in memory (the same steps, see migrations/0003_functions.sql)."""
         if self._fenced(fence):
-            return Claim(FENCED)
+            return Fired(FENCED)
+        key = request.key
+        row = self.rows.get(key.session_id)
+        if request.version is not None or request.status is not None:
+            if row is None:
+                return Fired(MISSING)
+            if request.version is not None and row.get("_version") != request.version:
+                return Fired(STALE, row=dict(row))
         entry = self.ledger.get(key)
         if entry is None:
-            self.ledger[key] = LedgerEntry("claimed", fence.holder, fence.token, fired_at=fired_at)
-            return Claim(CLAIMED)
-        if entry.state != "claimed":
-            return Claim(DONE)
-        entry.holder, entry.token, entry.attempts = fence.holder, fence.token, entry.attempts + 1
-        return Claim(CLAIMED, entry.status_applied, entry.attempts)
+            entry = self.ledger[key] = LedgerEntry("claimed", fence.holder, fence.token,
+                                                   fired_at=request.fired_at)
+        elif entry.state != "claimed":
+            return Fired(DONE)
+        else:
+            entry.holder, entry.token, entry.attempts = fence.holder, fence.token, entry.attempts + 1
+        if request.status is not None and not entry.status_applied:
+            assert row is not None
+            if request.expected is not None and row.get("status") not in request.expected:
+                return Fired(CONFLICT, attempts=entry.attempts, row=dict(row))
+            self._change_status(row, key.rule, request.status, request.reason or "",
+                                request.fired_at)
+            entry.status_applied = True
+        if request.finish is not None:
+            entry.state, entry.fired_at, entry.lateness_ms, entry.detail = (
+                request.finish, request.fired_at, request.lateness_ms, request.detail)
+        return Fired(CLAIMED, entry.status_applied, entry.attempts,
+                     None if row is None else dict(row))
 
-    async def transition(self, key: ActionKey, fence: Fence, expected: Sequence[str],
-                         version: str | None, status: str, reason: str,
-                         at: Instant) -> Transition:
-        if self._fenced(fence):
-            return Transition(FENCED)
-        row = self.rows.get(key.session_id)
-        if row is None:
-            return Transition(MISSING)
-        if row.get("status") not in expected:
-            return Transition(CONFLICT, dict(row))
+    def _change_status(self, row: dict[str, Any], rule: str, status: str, reason: str,
+                       at: Instant) -> None:
         stamp = format_instant(at)
         # Only a top-level key is replaced, so a shallow copy keeps the rest intact.
         metadata = dict(row["metadata"]) if isinstance(row.get("metadata"), dict) else {}
-        metadata["listener"] = {"reason": reason, "rule": key.rule, "at": stamp}
-        row.update(status=status, metadata=metadata, updated_at=stamp, status_changed_at=stamp)
+        metadata["listener"] = {"reason": reason, "rule": rule, "at": stamp}
+        row.update(status=status, metadata=metadata, updated_at=stamp, status_changed_at=stamp,
+                   _version=self._next_version())
         if status == "completed" and row.get("ended_at") is None:
             row["ended_at"] = stamp
         if status == "cancelled" and "cancelled_at" in row and row["cancelled_at"] is None:
             row["cancelled_at"] = stamp
-        self.ledger[key].status_applied = True
-        return Transition(APPLIED, dict(row))
 
     async def complete(self, key: ActionKey, fence: Fence, outcome: str, fired_at: Instant,
                        lateness_ms: int, detail: dict[str, Any]) -> bool:

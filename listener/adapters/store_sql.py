@@ -1,14 +1,15 @@
 """The store over a PostgreSQL connection: each method is one SQL function call."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+import asyncio
+from typing import Any, AsyncIterator, Sequence
 
-from psycopg.rows import tuple_row
+from psycopg.rows import dict_row, tuple_row
 from psycopg_pool import AsyncConnectionPool
 
 from listener.instants import Instant, parse_instant, to_datetime
 from listener.store import (
-    ActionKey, Claim, Contacts, Fence, Transition, UnfinishedClaim)
+    ActionKey, Contacts, Fence, FireRequest, Fired, UnfinishedClaim)
 
 PAGE = 5000
 
@@ -43,37 +44,44 @@ class SqlStore:
     async def ping(self) -> bool:
         return await self._one("select true", ()) is True
 
-    async def tracked_rows(self) -> list[dict[str, Any]]:
-        rows: list[dict[str, Any]] = []
-        after = None
+    async def tracked_pages(self) -> AsyncIterator[list[dict[str, Any]]]:
+        """Pages of tracked rows; the next page is fetched while the caller digests
+        this one (at start-up, 100,000 rows: the wait and the parsing overlap)."""
         since = None if self.completed_since is None else to_datetime(self.completed_since)
-        while True:
-            page = await self._all(
-                "select public.listener_tracked_sessions(%s, %s, %s)", (after, PAGE, since))
-            rows.extend(page)
-            if len(page) < PAGE:
-                return rows
-            after = page[-1]["id"]
+        ahead = asyncio.ensure_future(self._page(None, since))
+        try:
+            while True:
+                page = await ahead
+                full = len(page) == PAGE
+                if full:
+                    ahead = asyncio.ensure_future(self._page(page[-1]["id"], since))
+                yield page
+                if not full:
+                    return
+        finally:
+            ahead.cancel()
+
+    async def _page(self, after: str | None, since: Any) -> list[dict[str, Any]]:
+        async with self.pool.connection() as conn:
+            cur = await conn.cursor(row_factory=dict_row).execute(
+                "select * from public.listener_tracked_sessions(%s, %s, %s)", (after, PAGE, since))
+            return await cur.fetchall()
 
     async def read_session(self, session_id: str) -> dict[str, Any] | None:
         return await self._one("select public.listener_read_session(%s)", (session_id,))
 
-    async def claim(self, key: ActionKey, fence: Fence, fired_at: Instant) -> Claim:
-        result = await self._one(
-            "select public.listener_claim(%s, %s, %s, %s, %s, %s)",
-            (key.rule, key.session_id, to_datetime(key.due_at), fence.holder, fence.token,
-             to_datetime(fired_at)))
-        return Claim(result["outcome"], result.get("status_applied", False),
-                     result.get("attempts", 1))
+    async def fire(self, request: FireRequest, fence: Fence) -> Fired:
+        from psycopg.types.json import Jsonb
 
-    async def transition(self, key: ActionKey, fence: Fence, expected: Sequence[str],
-                         version: str | None, status: str, reason: str,
-                         at: Instant) -> Transition:
+        key = request.key
         result = await self._one(
-            "select public.listener_transition(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            "select public.listener_fire(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
             (key.rule, key.session_id, to_datetime(key.due_at), fence.holder, fence.token,
-             list(expected), version, status, reason, to_datetime(at)))
-        return Transition(result["outcome"], result.get("row"))
+             to_datetime(request.fired_at), request.version,
+             None if request.expected is None else list(request.expected),
+             request.status, request.reason, request.finish, request.lateness_ms,
+             Jsonb(request.detail)))
+        return fired_from_json(result)
 
     async def complete(self, key: ActionKey, fence: Fence, outcome: str, fired_at: Instant,
                        lateness_ms: int, detail: dict[str, Any]) -> bool:
@@ -110,3 +118,9 @@ def unfinished_from_json(row: dict[str, Any]) -> UnfinishedClaim:
     return UnfinishedClaim(
         ActionKey(row["rule"], str(row["session_id"]), parse_instant(row["due_at"])),
         bool(row["status_applied"]), int(row["attempts"]), parse_instant(row.get("fired_at")))
+
+
+def fired_from_json(result: dict[str, Any]) -> Fired:
+    """The JSON of listener_fire (SQL and RPC alike)."""
+    return Fired(result["outcome"], bool(result.get("status_applied", False)),
+                 int(result.get("attempts", 1)), result.get("row"))
