@@ -77,6 +77,10 @@ class Executor:
         """Act on one popped timer (or a claim a crash left unfinished). Returns the
         recorded result, or None when nothing was owed or it was already done."""
         key = ActionKey(timer.rule.name, timer.session_id, timer.due)
+        if key in self.in_flight:
+            # Already being acted on here (a resumed claim, or its emails still
+            # waiting their turn): claiming it again would run it twice.
+            return None
         self.in_flight.add(key)
         try:
             return await self._run(timer, key, fired_at, resumed)

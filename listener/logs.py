@@ -44,6 +44,17 @@ def configure_logging(level: str = "INFO", stream: TextIO | None = None,
     _level = numeric
     renderer = (structlog.dev.ConsoleRenderer(colors=False) if console
                 else structlog.processors.JSONRenderer())
+    # Libraries (psycopg_pool, aiohttp) log through the standard library: the
+    # same renderer makes their lines JSON too, instead of bare text on stderr.
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        processor=renderer,
+        foreign_pre_chain=[structlog.processors.add_log_level,
+                           structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
+                           _redact]))
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(max(numeric, logging.WARNING))
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
