@@ -1,0 +1,474 @@
+"""The Supabase backend end to end: the real daemon on RpcStore + RealtimeSource,
+through the real supabase/realtime/postgrest clients, against the Realtime and
+PostgREST test servers fed by real PostgreSQL. Every fault ends the same way:
+every due action fires exactly once, none twice."""
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+from aiohttp import web
+
+from listener.adapters.supabase import (
+    RealtimeSource, RpcConfigError, RpcStore, change_from_realtime, open_supabase_backend)
+from listener.changes import BadChange, Change
+from listener.runtime import ConfigError
+from listener.settings import Settings
+from listener.store import all_tracked
+from tests.live import MECHANIC, eventually, insert_session, ledger, query, seed_people
+from tests.live_supabase import LiveSupabaseDaemon, prepare_supabase_database
+from tests.servers.postgrest_server import ANON_KEY, SERVICE_ROLE_KEY, SupabaseStack
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # realtime 2.34 / websockets
+ROOT = Path(__file__).resolve().parents[1]
+PENDING = [("support_unassigned_alert", "fired"), ("request_expiry", "fired")]
+
+
+@pytest.fixture
+async def stack(database: str):
+    seed_people(database)
+    await prepare_supabase_database(database)
+    async with SupabaseStack(database) as s:
+        yield s
+
+
+def emails(outbox: Path) -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in outbox.glob("*.json")]
+
+
+def assert_each_fired_once(database: str, outbox: Path, live: LiveSupabaseDaemon,
+                           sids: list[str]) -> None:
+    """Pending requests: an alert to support, then expired with an email to the customer;
+    one ledger row each, fired; one email per recipient; one result each in this daemon."""
+    for sid in sids:
+        assert [(rule, state) for rule, state, _ in ledger(database, sid)] == PENDING, sid
+        assert query(database, "select status from public.sessions where id = %s", sid) == [
+            ("expired",)]
+    per_action = collections.Counter((r.key.rule, r.key.session_id) for r in live.results)
+    assert all(n == 1 for n in per_action.values()), per_action
+    assert {k for k in per_action if k[1] in sids} == {
+        (rule, sid) for sid in sids for rule, _ in PENDING}
+    sent = collections.Counter((e["rule"], e["session_id"], e["role"]) for e in emails(outbox)
+                               if e["session_id"] in sids)
+    assert sent == {**{("support_unassigned_alert", s, "support"): 1 for s in sids},
+                    **{("request_expiry", s, "customer"): 1 for s in sids}}
+
+
+async def all_fired(database: str, sids: list[str], timeout: float = 25.0) -> None:
+    def done() -> bool:
+        rows = query(database, "select count(*) from public.listener_ledger where session_id = "
+                               "any(%s::uuid[]) and state <> 'claimed'", sids)
+        return rows[0][0] == len(sids) * len(PENDING)
+    await eventually(done, timeout)
+    await asyncio.sleep(0.3)  # nothing more may come
+
+
+class RpcFaults:
+    """Per-call faults in the PostgREST test server: answer with a status without
+    touching the database, or run and commit, then sit on the answer."""
+
+    def __init__(self, rest: Any) -> None:
+        self.rules: list[list[Any]] = []
+        original = rest._rpc
+
+        async def faulty(request: web.Request, fn: str, method: str, record: Any,
+                         raw: bytes) -> web.Response:
+            args = record.args if isinstance(record.args, dict) else {}
+            for rule in self.rules:
+                name, when, kind, value, left = rule
+                if left <= 0 or name != fn or not when(args):
+                    continue
+                rule[4] -= 1
+                if kind == "status":
+                    record.injected = True
+                    body = {"code": "XX000", "details": None, "hint": None,
+                            "message": "injected fault (test)"}
+                    return web.json_response(body, status=int(value))
+                response = await original(request, fn, method, record, raw)
+                await asyncio.sleep(value)  # committed; the answer comes too late
+                return response
+            return await original(request, fn, method, record, raw)
+
+        rest._rpc = faulty
+
+    def add(self, fn: str, kind: str, value: float, times: int = 1,
+            when: Any = lambda args: True) -> None:
+        self.rules.append([fn, when, kind, value, times])
+
+
+def expiring(args: dict[str, Any]) -> bool:
+    """The listener_fire call that changes the status (request_expiry)."""
+    return args.get("p_status") == "expired"
+
+
+# --------------------------------------------------------------------------- the happy path
+
+
+async def test_rows_changed_in_postgres_fire_through_realtime_and_rpc(
+        database: str, stack: SupabaseStack, tmp_path: Path) -> None:
+    async with LiveSupabaseDaemon(stack, tmp_path) as live:
+        await live.active()
+        sid = insert_session(database, status="pending", metadata={"source": "app", "n": 1})
+        # Too large for a Realtime payload: "Error 413", the record cut down; the daemon reads it.
+        big = insert_session(database, status="pending", metadata={"notes": "x" * 20000})
+        await all_fired(database, [sid, big])
+        assert_each_fired_once(database, tmp_path, live, [sid, big])
+        metadata = query(database, "select metadata from public.sessions where id = %s", sid)[0][0]
+        assert metadata["source"] == "app" and metadata["n"] == 1
+        assert metadata["listener"]["reason"] == "no_mechanic_available"
+        # an accepted session: the mechanic is nudged by name, through the contacts RPC
+        accepted = insert_session(database, status="accepted", mechanic_id=MECHANIC)
+        await eventually(lambda: live.fired("support_stuck_alert"))
+        assert any(e["rule"] == "mechanic_nudge" and "max@example.com" in e["to"]
+                   for e in emails(tmp_path) if e["session_id"] == accepted)
+        assert live.source.reconnects == 0 and live.source.subscriptions == 1
+        frames = [f for _, f in stack.realtime.frames_out if f["event"] == "postgres_changes"]
+        assert any(f["payload"]["data"]["errors"] for f in frames)  # the 413 did happen
+    calls = {c.function for c in stack.rest.calls}
+    assert {"listener_lease_acquire", "listener_lease_renew", "listener_tracked_sessions",
+            "listener_read_session", "listener_fire", "listener_complete",
+            "listener_session_contacts", "listener_unfinished_claims",
+            "listener_lease_release"} <= calls
+    assert all(c.role == "service_role" for c in stack.rest.calls if c.role)
+
+
+async def test_only_the_service_role_may_call_the_functions(stack: SupabaseStack) -> None:
+    from postgrest.exceptions import APIError
+    from supabase import acreate_client
+
+    anon = await acreate_client(stack.url, ANON_KEY)
+    with pytest.raises(APIError) as info:
+        await anon.rpc("listener_read_session", {"p_session_id": None}).execute()
+    assert info.value.code == "42501"
+    store = RpcStore(stack.url, ANON_KEY)
+    await store.open()
+    try:
+        with pytest.raises(RpcConfigError, match="permission denied.*service_role"):
+            await store.check()
+    finally:
+        await store.close()
+
+
+# --------------------------------------------------------------------------- Realtime faults
+
+
+@pytest.mark.parametrize("code", [1000, 1011])
+async def test_server_closes_the_socket(database: str, stack: SupabaseStack, tmp_path: Path,
+                                        code: int) -> None:
+    async with LiveSupabaseDaemon(stack, tmp_path) as live:
+        await live.active()
+        before = insert_session(database, status="pending")
+        await stack.realtime.close_all(code)
+        during = insert_session(database, status="pending")  # while the client is away
+        await live.resubscribed(2)
+        after = insert_session(database, status="pending")
+        await all_fired(database, [before, during, after])
+        assert_each_fired_once(database, tmp_path, live, [before, during, after])
+        assert live.source.reconnects == 1, live.source.last_reason
+        assert stack.realtime.connections_total == 2
+
+
+async def test_join_never_answered_times_out_and_retries(database: str, stack: SupabaseStack,
+                                                         tmp_path: Path) -> None:
+    stack.realtime.ignore_joins = True
+    async with LiveSupabaseDaemon(stack, tmp_path) as live:
+        await eventually(lambda: live.source.reconnects >= 1, 15)
+        assert "TIMED_OUT" in (live.source.last_reason or "")
+        sid = insert_session(database, status="pending")  # nobody is streaming it
+        stack.realtime.ignore_joins = False
+        await live.active()
+        await all_fired(database, [sid])
+        assert_each_fired_once(database, tmp_path, live, [sid])
+        assert live.source.subscriptions == 1
+
+
+async def test_phx_error_recreates_the_channel(database: str, stack: SupabaseStack,
+                                               tmp_path: Path) -> None:
+    async with LiveSupabaseDaemon(stack, tmp_path) as live:
+        await live.active()
+        first = insert_session(database, status="pending")
+        assert await stack.realtime.send_phx_error() == 1
+        await live.resubscribed(2)
+        second = insert_session(database, status="pending")
+        await all_fired(database, [first, second])
+        assert_each_fired_once(database, tmp_path, live, [first, second])
+        assert live.source.reconnects == 1 and "CHANNEL_ERROR" in live.source.last_reason
+        assert len(stack.realtime.joins_by_topic) == 2  # a new topic, not a rejoin
+
+
+async def test_system_error_recreates_the_client(database: str, stack: SupabaseStack,
+                                                 tmp_path: Path) -> None:
+    async with LiveSupabaseDaemon(stack, tmp_path) as live:
+        await live.active()
+        assert await stack.realtime.send_system_error() == 1
+        lost = insert_session(database, status="pending")  # the old channel streams no more
+        await live.resubscribed(2)
+        await all_fired(database, [lost])
+        assert_each_fired_once(database, tmp_path, live, [lost])
+        assert live.source.reconnects == 1
+        assert "Unable to subscribe" in live.source.last_reason
+
+
+async def test_a_dead_listen_task_is_noticed(database: str, stack: SupabaseStack,
+                                            tmp_path: Path) -> None:
+    # What an exception in a callback does: the client's listen task ends, while
+    # the socket stays open and the channel says joined.
+    async with LiveSupabaseDaemon(stack, tmp_path) as live:
+        await live.active()
+        client = live.source.client
+        client._listen_task.cancel()
+        assert client.is_connected and live.source.channel.is_joined
+        lost = insert_session(database, status="pending")  # read by nobody
+        await live.resubscribed(2)
+        await all_fired(database, [lost])
+        assert_each_fired_once(database, tmp_path, live, [lost])
+        assert live.source.reconnects == 1 and "listen task" in live.source.last_reason
+
+
+async def test_no_subscribed_message_is_a_failure(database: str, stack: SupabaseStack,
+                                                  tmp_path: Path) -> None:
+    stack.realtime.subscribed_delay = 30
+    async with LiveSupabaseDaemon(stack, tmp_path,
+                                  source_options={"subscribed_timeout": 1.0}) as live:
+        await eventually(lambda: live.source.reconnects >= 1, 15)
+        assert "Subscribed to PostgreSQL" in live.source.last_reason
+        assert not live.daemon.readiness.source_subscribed and not live.daemon._swept_once
+        stack.realtime.subscribed_delay = 0
+        sid = insert_session(database, status="pending")
+        await live.active()
+        await all_fired(database, [sid])
+        assert_each_fired_once(database, tmp_path, live, [sid])
+
+
+async def test_changes_dropped_while_away_are_found_by_the_sweep(
+        database: str, stack: SupabaseStack, tmp_path: Path) -> None:
+    async with LiveSupabaseDaemon(stack, tmp_path) as live:
+        await live.active()
+        stack.realtime.drop_changes = True
+        lost = [insert_session(database, status="pending") for _ in range(3)]
+        await eventually(lambda: stack.realtime.changes_dropped >= 3)
+        await asyncio.sleep(2.0)  # every deadline of theirs passes, unseen
+        assert not any(sid in live.daemon.engine.sessions for sid in lost)
+        assert not live.results
+        await stack.realtime.close_all(1011)
+        await live.resubscribed(2)
+        stack.realtime.drop_changes = False
+        await all_fired(database, lost)
+        assert_each_fired_once(database, tmp_path, live, lost)
+        assert live.source.reconnects == 1
+
+
+async def test_every_change_delivered_twice(database: str, stack: SupabaseStack,
+                                            tmp_path: Path) -> None:
+    stack.realtime.duplicate_changes = True
+    async with LiveSupabaseDaemon(stack, tmp_path) as live:
+        await live.active()
+        sids = [insert_session(database, status="pending") for _ in range(3)]
+        await all_fired(database, sids)
+        assert_each_fired_once(database, tmp_path, live, sids)
+        assert stack.realtime.changes_sent >= 2 * stack.realtime.changes_seen - 1
+        assert live.source.reconnects == 0
+
+
+# --------------------------------------------------------------------------- RPC faults
+
+
+async def test_rpc_server_errors_are_retried(database: str, stack: SupabaseStack,
+                                             tmp_path: Path) -> None:
+    faults = RpcFaults(stack.rest)
+    async with LiveSupabaseDaemon(stack, tmp_path) as live:
+        await live.active()
+        # the status change is refused before reaching the database: the ledger
+        # says it did not happen, so it is sent again
+        faults.add("listener_fire", "status", 500, when=expiring)
+        faults.add("listener_fire", "status", 503, times=2, when=lambda a: not expiring(a))
+        faults.add("listener_complete", "status", 502)
+        faults.add("listener_session_contacts", "status", 500)
+        faults.add("listener_read_session", "status", 504)
+        first = insert_session(database, status="pending")
+        await all_fired(database, [first])
+        stack.rest.fail_status = 500  # a full outage, shorter than the retry budget
+        second = insert_session(database, status="pending")
+        await asyncio.sleep(1.0)
+        stack.rest.fail_status = None
+        await all_fired(database, [second])
+        assert_each_fired_once(database, tmp_path, live, [first, second])
+    assert all(rule[4] == 0 for rule in faults.rules)  # every fault was met
+    injected = [c for c in stack.rest.calls if c.injected]
+    assert len(injected) >= 6 and all(c.status >= 500 for c in injected)
+    for sid in (first, second):
+        changes = [c for c in stack.rest.calls if c.function == "listener_fire"
+                   and not c.injected and expiring(c.args) and c.args["p_session_id"] == sid]
+        assert len(changes) == 1, sid
+
+
+async def test_rpc_server_hangs(database: str, stack: SupabaseStack, tmp_path: Path) -> None:
+    faults = RpcFaults(stack.rest)
+    async with LiveSupabaseDaemon(stack, tmp_path, rpc_timeout_s=1.0) as live:
+        await live.active()
+        # the status change commits, then its answer never comes: it is not sent
+        # again; the ledger (status_applied) says it happened
+        faults.add("listener_fire", "hang_after_commit", 2.5, when=expiring)
+        first = insert_session(database, status="pending")
+        await all_fired(database, [first])
+        # everything hangs before the database for a while
+        stack.rest.hang_seconds = 1.5
+        second = insert_session(database, status="pending")
+        await asyncio.sleep(2.0)
+        stack.rest.hang_seconds = 0
+        await all_fired(database, [second])
+        assert_each_fired_once(database, tmp_path, live, [first, second])
+    changes = [c for c in stack.rest.calls if c.function == "listener_fire"
+               and expiring(c.args) and c.args["p_session_id"] == first]
+    assert len(changes) == 1  # never blindly retried
+    attempts = query(database, "select attempts from public.listener_ledger where session_id = %s "
+                               "and rule = 'request_expiry'", first)
+    assert attempts[0][0] >= 2  # the bare claim that read the ledger
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+async def test_open_backend_checks_the_project(database: str, stack: SupabaseStack) -> None:
+    settings = Settings(supabase_url=stack.url, supabase_service_role_key=SERVICE_ROLE_KEY)
+    backend = await open_supabase_backend(settings, completed_since=None)
+    try:
+        assert backend.name == "supabase" and isinstance(backend.source, RealtimeSource)
+        assert await all_tracked(backend.store) == []
+        assert SERVICE_ROLE_KEY not in repr(backend.store) + repr(backend.source)
+    finally:
+        await backend.close()
+
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute("revoke execute on function public.listener_read_session(uuid) "
+                     "from service_role")
+    with pytest.raises(ConfigError, match="permission denied.*EXECUTE"):
+        await open_supabase_backend(settings)
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute("drop function public.listener_read_session(uuid)")
+    with pytest.raises(ConfigError, match="^functions missing: run listener migrate --print"):
+        await open_supabase_backend(settings)
+
+    closed = Settings(supabase_url="http://127.0.0.1:9", supabase_service_role_key=SERVICE_ROLE_KEY)
+    with pytest.raises(ConfigError, match="^Supabase unreachable: ") as info:
+        await open_supabase_backend(closed)
+    assert SERVICE_ROLE_KEY not in str(info.value) and "\n" not in str(info.value)
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SUPABASE_", "NEXT_PUBLIC_SUPABASE", "DATABASE_URL", "RESEND_",
+                                "EMAIL_OUTBOX", "RULE", "MQTT_URL", "OPS_"))}
+    return {**env, "PYTHONPATH": str(ROOT), **extra}
+
+
+async def test_listener_run_on_supabase(database: str, stack: SupabaseStack,
+                                        tmp_path: Path) -> None:
+    early = insert_session(database, status="pending")  # found by the first sweep
+    log_path = tmp_path / "stderr.log"
+    env = _env(SUPABASE_URL=stack.url, SUPABASE_SERVICE_ROLE_KEY=SERVICE_ROLE_KEY,
+               EMAIL_OUTBOX=str(tmp_path / "outbox"), RULES_TIME_SCALE="600",
+               LISTENER_DATA_DIR=str(tmp_path / "data"), LOG_LEVEL="INFO",
+               SUPPORT_EMAIL="support@example.com")
+    with log_path.open("wb") as log_file:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "listener", "run", cwd=str(ROOT), env=env,
+            stdout=asyncio.subprocess.DEVNULL, stderr=log_file)
+        try:
+            await eventually(lambda: b"source_subscribed" in log_path.read_bytes(), 30)
+            late = insert_session(database, status="pending")  # through Realtime
+            await all_fired(database, [early, late])
+            proc.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(proc.wait(), 15) == 0
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    for sid in (early, late):
+        assert [(r, s) for r, s, _ in ledger(database, sid)] == PENDING
+    text = log_path.read_text()
+    assert SERVICE_ROLE_KEY not in text
+    assert '"backend": "supabase"' in text or "backend=supabase" in text
+    assert len(list((tmp_path / "outbox").glob("*.json"))) == 4
+
+    # no Resend key and no outbox: a one-line reason, non-zero
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "listener", "run", cwd=str(ROOT),
+        env=_env(SUPABASE_URL=stack.url, SUPABASE_SERVICE_ROLE_KEY=SERVICE_ROLE_KEY,
+                 LISTENER_DATA_DIR=str(tmp_path / "data")),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode not in (0, None)
+    last = err.decode().strip().splitlines()[-1]
+    assert last.startswith("listener: RESEND_API_KEY is not set"), err.decode()[-2000:]
+
+
+# --------------------------------------------------------------------------- payloads
+
+
+class Sink:
+    def __init__(self, fail: bool = False) -> None:
+        self.changes: list[Change] = []
+        self.bad: list[tuple[str, str]] = []
+        self.fail = fail
+
+    def put(self, change: Change) -> None:
+        if self.fail:
+            raise RuntimeError("full")
+        self.changes.append(change)
+
+    def bad_input(self, kind: str, detail: str, session_id: str | None = None) -> None:
+        self.bad.append((kind, detail))
+
+    def subscribed(self, source: str) -> None: ...
+
+    def unsubscribed(self, source: str, reason: str) -> None: ...
+
+
+def _data(kind: str, **fields: Any) -> dict[str, Any]:
+    return {"ids": [1], "data": {"schema": "public", "table": "sessions", "type": kind,
+                                 "commit_timestamp": "2026-03-02T10:00:00.000Z", "errors": None,
+                                 "columns": [], **fields}}
+
+
+def test_postgres_changes_payloads() -> None:
+    full = {"id": "s1", "status": "pending", "mechanic_id": None, "status_changed_at": None,
+            "scheduled_for": None, "started_at": None, "expires_at": None, "ended_at": None,
+            "summary_submitted_at": None}
+    assert change_from_realtime(_data("INSERT", record=full)).record == full
+    assert change_from_realtime(_data("UPDATE", record=full, old_record={"id": "s1"})).record
+    cut = {"id": "s1", "status": "pending"}  # 413: values over 64 bytes and nulls dropped
+    too_large = change_from_realtime(_data("UPDATE", record=cut, errors=["Error 413: Payload Too Large"]))
+    assert too_large == Change("UPDATE", "s1", None, too_large.at)
+    assert change_from_realtime(_data("UPDATE", record=cut)).record is None  # columns missing
+    assert change_from_realtime(_data("DELETE", old_record={"id": "s1"})) .session_id == "s1"
+    for bad in (None, [], {"data": None}, _data("TRUNCATE"), _data("INSERT", record={}),
+                _data("DELETE", old_record={}), _data("INSERT", record={"id": 5}),
+                {**_data("INSERT", record=full), "data": {**_data("INSERT", record=full)["data"],
+                                                          "table": "other"}}):
+        with pytest.raises(BadChange):
+            change_from_realtime(bad)
+
+
+def test_callbacks_never_raise() -> None:
+    from listener.adapters.supabase import _Attempt
+
+    source = RealtimeSource("http://127.0.0.1:9", SERVICE_ROLE_KEY)
+    attempt = _Attempt(1, "t", 0.0)
+    sink = Sink()
+    source._on_change(attempt, sink, {"nonsense": True})
+    source._on_change(attempt, sink, object())
+    assert [k for k, _ in sink.bad] == ["realtime_payload", "realtime_payload"]
+    source._on_change(attempt, Sink(fail=True), _data("DELETE", old_record={"id": "s1"}))
+    source._on_system(attempt, sink, object())
+    source._on_state(attempt, object(), None)
+    assert attempt.failure is not None  # a state it cannot read is a failure, not a crash
