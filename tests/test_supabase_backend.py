@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -472,3 +473,54 @@ def test_callbacks_never_raise() -> None:
     source._on_system(attempt, sink, object())
     source._on_state(attempt, object(), None)
     assert attempt.failure is not None  # a state it cannot read is a failure, not a crash
+
+
+async def test_failover_between_two_processes_on_supabase(database: str, stack: SupabaseStack,
+                                                          tmp_path: Path) -> None:
+    """kill -9 the active instance: the standby takes over within the lease time and
+    every action due in between fires once (issue 6, Supabase backend)."""
+    outbox = tmp_path / "outbox"
+    procs: dict[str, tuple[asyncio.subprocess.Process, Path]] = {}
+
+    async def start(name: str) -> None:
+        log_path = tmp_path / f"{name}.log"
+        env = _env(SUPABASE_URL=stack.url, SUPABASE_SERVICE_ROLE_KEY=SERVICE_ROLE_KEY,
+                   EMAIL_OUTBOX=str(outbox), RULES_TIME_SCALE="600", LEASE_TTL="2s",
+                   INSTANCE_NAME=name, LISTENER_DATA_DIR=str(tmp_path / name),
+                   LOG_LEVEL="INFO", SUPPORT_EMAIL="support@example.com")
+        with log_path.open("wb") as log_file:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "listener", "run", cwd=str(ROOT), env=env,
+                stdout=asyncio.subprocess.DEVNULL, stderr=log_file)
+        procs[name] = (proc, log_path)
+
+    def logged(name: str, event: str) -> bool:
+        return f'"event": "{event}"'.encode() in procs[name][1].read_bytes()
+
+    try:
+        await start("a")
+        await eventually(lambda: logged("a", "reconciled"), 30)
+        await start("b")
+        await eventually(lambda: logged("b", "standing_by"), 30)
+        sids = [insert_session(database, status="pending") for _ in range(3)]
+        sids += [insert_session(database, status="waiting", mechanic_id=MECHANIC)
+                 for _ in range(2)]
+        procs["a"][0].kill()  # SIGKILL: no lease release, claims may be left behind
+        killed = time.monotonic()
+        await procs["a"][0].wait()
+        await eventually(lambda: logged("b", "lease_acquired"), 30)
+        print(f"\nSupabase backend: standby active {time.monotonic() - killed:.2f} s after kill -9")
+        expected = 3 * 2 + 2 * 3  # unassigned alert + expiry; nudge + stuck + timeout
+        await eventually(lambda: len([r for r in query(
+            database, "select state from public.listener_ledger") if r[0] == "fired"])
+            == expected, 60)
+    finally:
+        for proc, _ in procs.values():
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    rows = query(database, "select rule, session_id, due_at, state from public.listener_ledger")
+    assert len(rows) == len({r[:3] for r in rows}) == expected
+    assert {r[3] for r in rows} == {"fired"}
+    emails = [json.loads(p.read_text()) for p in outbox.glob("*.json")]
+    assert len(emails) == len({e["idempotency_key"] for e in emails}) == expected
