@@ -39,7 +39,7 @@ ENV PATH="/opt/venv/bin:$PATH" \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1
 
-# Non-root: the embedded PostgreSQL (pgserver) refuses to run as root anyway.
+# Non-root: nothing the listener does needs root.
 RUN groupadd --system --gid 10001 listener \
  && useradd --system --uid 10001 --gid listener --home-dir /app --shell /usr/sbin/nologin listener \
  && install -d -o listener -g listener /app
