@@ -75,16 +75,18 @@ async def eventually(check: Callable[[], Any], timeout: float = 20.0,
 
 
 class LiveDaemon:
-    """The real daemon, in process, on the SQL backend, emails to an outbox folder."""
+    """The real daemon, in process; by default on the SQL backend (SqlStore and
+    NotifySource on `conninfo`), emails to an outbox folder."""
 
-    def __init__(self, conninfo: str, outbox: Path, env: dict[str, str] | None = None,
+    def __init__(self, conninfo: str | None, outbox: Path, env: dict[str, str] | None = None,
                  holder: str | None = None, lease_ttl_s: float = 3.0,
-                 reconcile_s: float = 60.0, store: SqlStore | None = None,
+                 reconcile_s: float = 60.0, store: Any = None, source: Any = None,
                  sender: Any = None, publisher: Any = None, email_rate: float = 1000) -> None:
         self.conninfo = conninfo
         self.outbox = outbox
         self.table = load_rules(env if env is not None else FAST)
         self.store = store or SqlStore(conninfo)
+        self.source = source or NotifySource(conninfo, idle_probe=2.0)
         self.results: list[ActionResult] = []
         composer = EmailComposer(self.table, "https://app.example", "Listener <l@example.com>",
                                  "support@example.com")
@@ -94,8 +96,7 @@ class LiveDaemon:
                               reconcile_interval=int(reconcile_s * SECOND),
                               holder=holder or f"test-{uuid.uuid4().hex[:6]}",
                               shutdown_grace_s=3.0)
-        self.daemon = Daemon(self.table, self.store, NotifySource(conninfo, idle_probe=2.0),
-                             WallClock(), config,
+        self.daemon = Daemon(self.table, self.store, self.source, WallClock(), config,
                              deliverer=EmailDeliverer(self.store, composer, mailer),
                              publisher=publisher, on_result=self.results.append)
         self.stop = asyncio.Event()
@@ -112,10 +113,10 @@ class LiveDaemon:
             await asyncio.wait_for(self.task, 15)
         await self.store.close()
 
-    async def active(self) -> None:
+    async def active(self, timeout: float = 20.0) -> None:
         await eventually(lambda: self.daemon.readiness.role == "active"
                          and self.daemon.readiness.source_subscribed
-                         and self.daemon._swept_once)
+                         and self.daemon._swept_once, timeout)
 
     def fired(self, rule: str | None = None) -> list[ActionResult]:
         return [r for r in self.results if rule is None or r.key.rule == rule]

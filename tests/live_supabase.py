@@ -2,8 +2,6 @@
 against the Realtime and PostgREST test servers, fed by a real database."""
 from __future__ import annotations
 
-import asyncio
-import uuid
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -11,17 +9,9 @@ from typing import Any
 import httpx
 import psycopg
 
-from listener.adapters.email_outbox import OutboxSender
 from listener.adapters.supabase import RealtimeSource, RpcStore
-from listener.clock import WallClock
-from listener.daemon import Daemon, DaemonConfig
-from listener.emails import EmailComposer, EmailDeliverer
-from listener.executor import ActionResult
-from listener.instants import SECOND
-from listener.mailer import Mailer
 from listener.source import Backoff
-from rules import load_rules
-from tests.live import FAST, eventually
+from tests.live import LiveDaemon, eventually
 from tests.servers.postgrest_server import SERVICE_ROLE_KEY, SupabaseStack, setup_supabase_roles
 
 # The migrations whose grants name the API roles: re-run once the roles exist
@@ -39,7 +29,7 @@ async def prepare_supabase_database(conninfo: str) -> None:
             conn.execute(folder.joinpath(name).read_text(encoding="utf-8"))
 
 
-class LiveSupabaseDaemon:
+class LiveSupabaseDaemon(LiveDaemon):
     """The real daemon, in process, on RpcStore + RealtimeSource; emails to an outbox."""
 
     def __init__(self, stack: SupabaseStack, outbox: Path, env: dict[str, str] | None = None,
@@ -48,50 +38,17 @@ class LiveSupabaseDaemon:
                  source_options: dict[str, Any] | None = None,
                  store_options: dict[str, Any] | None = None) -> None:
         self.stack = stack
-        self.outbox = outbox
-        self.table = load_rules(env if env is not None else FAST)
-        self.store = RpcStore(stack.url, SERVICE_ROLE_KEY, timeout=httpx.Timeout(rpc_timeout_s),
-                              **{"max_attempts": 6, "retry_initial_s": 0.1, "retry_max_s": 1.0,
-                                 **(store_options or {})})
+        store = RpcStore(stack.url, SERVICE_ROLE_KEY, timeout=httpx.Timeout(rpc_timeout_s),
+                         **{"max_attempts": 6, "retry_initial_s": 0.1, "retry_max_s": 1.0,
+                            **(store_options or {})})
         options = {"join_timeout": 2.0, "subscribed_timeout": 5.0, "join_grace": 5.0,
                    "watch_interval": 0.2, "stable_after": 5.0,
                    "backoff": Backoff(initial=0.1, maximum=1.0), **(source_options or {})}
-        self.source = RealtimeSource(stack.url, SERVICE_ROLE_KEY, **options)
-        self.results: list[ActionResult] = []
-        composer = EmailComposer(self.table, "https://app.example", "Listener <l@example.com>",
-                                 "support@example.com")
-        mailer = Mailer(OutboxSender(outbox), rate_per_second=1000)
-        config = DaemonConfig(lease_ttl=int(lease_ttl_s * SECOND),
-                              reconcile_interval=int(reconcile_s * SECOND),
-                              holder=holder or f"test-{uuid.uuid4().hex[:6]}",
-                              shutdown_grace_s=3.0)
-        self.daemon = Daemon(self.table, self.store, self.source, WallClock(), config,
-                             deliverer=EmailDeliverer(self.store, composer, mailer),
-                             on_result=self.results.append)
-        self.stop = asyncio.Event()
-        self.task: asyncio.Task | None = None
-
-    async def __aenter__(self) -> "LiveSupabaseDaemon":
-        await self.store.open()
-        self.task = asyncio.create_task(self.daemon.run(self.stop))
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.stop.set()
-        if self.task is not None:
-            await asyncio.wait_for(self.task, 15)
-        await self.store.close()
-
-    async def active(self, timeout: float = 20.0) -> None:
-        await eventually(lambda: self.daemon.readiness.role == "active"
-                         and self.daemon.readiness.source_subscribed
-                         and self.daemon._swept_once, timeout)
+        super().__init__(None, outbox, env, holder, lease_ttl_s, reconcile_s, store=store,
+                         source=RealtimeSource(stack.url, SERVICE_ROLE_KEY, **options))
 
     async def resubscribed(self, subscriptions: int, timeout: float = 20.0) -> None:
         """Wait for the source's n-th "Subscribed to PostgreSQL" and the sweep after it."""
         await eventually(lambda: self.source.subscriptions >= subscriptions
                          and self.daemon.readiness.source_subscribed
                          and not self.daemon._sweep_requested.is_set(), timeout)
-
-    def fired(self, rule: str | None = None) -> list[ActionResult]:
-        return [r for r in self.results if rule is None or r.key.rule == rule]
