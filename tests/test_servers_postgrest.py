@@ -12,6 +12,8 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
+
+from tests.conftest import with_dbname
 from postgrest.exceptions import APIError
 from psycopg import sql
 from realtime import RealtimeSubscribeStates
@@ -84,29 +86,14 @@ create function app_private.hidden() returns int language sql as $$ select 1 $$;
 # --------------------------------------------------------------------------- database
 
 
-def _admin_conninfo() -> str:
-    host = os.environ.get("TEST_PGHOST", "127.0.0.1")
-    port = os.environ.get("TEST_PGPORT", "5432")
-    last: Exception | None = None
-    for user in (os.environ.get("TEST_PGUSER"), "postgres", "root"):
-        if not user:
-            continue
-        conninfo = f"host={host} port={port} user={user} dbname=postgres"
-        try:
-            psycopg.connect(conninfo, connect_timeout=5).close()
-            return conninfo
-        except psycopg.OperationalError as exc:
-            last = exc
-    raise RuntimeError(f"no PostgreSQL to test against: {last}")
-
-
 @pytest.fixture(scope="module")
-def database() -> Any:
-    admin = _admin_conninfo()
+def database(pg_admin: str) -> Any:
+    """This module's own database (the server on 5432, or the embedded one)."""
+    admin = pg_admin
     name = f"test_rest_{secrets.token_hex(6)}"
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    conninfo = admin.replace("dbname=postgres", f"dbname={name}")
+    conninfo = with_dbname(admin, name)
     try:
         # as on Supabase, the API roles and default privileges exist before the app's objects
         asyncio.run(setup_supabase_roles(conninfo))

@@ -13,6 +13,8 @@ from typing import Any
 
 import psycopg
 import pytest
+
+from tests.conftest import with_dbname
 import websockets
 from psycopg import sql
 from realtime import AsyncRealtimeClient, RealtimeSubscribeStates
@@ -34,29 +36,14 @@ TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 # --------------------------------------------------------------------------- database
 
 
-def _admin_conninfo() -> str:
-    host = os.environ.get("TEST_PGHOST", "127.0.0.1")
-    port = os.environ.get("TEST_PGPORT", "5432")
-    last: Exception | None = None
-    for user in (os.environ.get("TEST_PGUSER"), "postgres", "root"):
-        if not user:
-            continue
-        conninfo = f"host={host} port={port} user={user} dbname=postgres"
-        try:
-            psycopg.connect(conninfo, connect_timeout=5).close()
-            return conninfo
-        except psycopg.OperationalError as exc:
-            last = exc
-    raise RuntimeError(f"no PostgreSQL to test against: {last}")
-
-
 @pytest.fixture(scope="module")
-def database() -> Any:
-    admin = _admin_conninfo()
+def database(pg_admin: str) -> Any:
+    """This module's own database (the server on 5432, or the embedded one)."""
+    admin = pg_admin
     name = f"test_rt_{secrets.token_hex(6)}"
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    conninfo = admin.replace("dbname=postgres", f"dbname={name}")
+    conninfo = with_dbname(admin, name)
     try:
         with psycopg.connect(conninfo, autocommit=True) as conn:
             conn.execute(REFERENCE_SCHEMA.read_text())
