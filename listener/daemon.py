@@ -348,10 +348,14 @@ class Daemon:
                 engine.delete(sid)
                 drift += 1
             else:
+                known = engine.sessions[sid]
                 try:
-                    drift += engine.upsert(row, self.clock.now()).changed
+                    engine.upsert(row, self.clock.now())
                 except BadRow as exc:
                     self.bad_input("row", str(exc), sid)
+                    continue
+                current = engine.sessions.get(sid)
+                drift += current is None or not current.same_facts(known)
         for unfinished in await self.store.unfinished_claims():
             if unfinished.key not in executor.in_flight:
                 await executor.resume(unfinished)

@@ -51,7 +51,6 @@ class Applied:
 
     session_id: str
     problems: list[str]
-    changed: bool  # the rule-relevant facts differ from what memory held
     new_status: str | None = None  # set when the status is one the engine does not know
 
 
@@ -126,7 +125,7 @@ class Engine:
         sid = session_id_of(row)
         old = self.sessions.get(sid)
         new, problems = parse_row(row, old, at)
-        applied = Applied(sid, problems, changed=old is None or not old.same_facts(new))
+        applied = Applied(sid, problems)
         if new.status not in KNOWN_STATUSES and new.status not in self._unknown_statuses:
             self._unknown_statuses.add(new.status)
             applied.new_status = new.status

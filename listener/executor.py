@@ -198,7 +198,7 @@ class Executor:
         reason = change.reason if status else None
         if request.finish is not None:
             return self._report(ActionResult(key, request.fired_at, request.finish, status, reason,
-                                             decision.recipients, request.detail))
+                                             decision.recipients, request.detail or {}))
         work = self._deliver_and_finish(key, request.fired_at, decision, status, reason, row)
         if self._background is not None:
             self._emailing.add(key)

@@ -4,7 +4,7 @@ Deterministic: no database, no email, no network, no wall clock.
 """
 from __future__ import annotations
 
-import json
+import orjson
 from dataclasses import dataclass
 from typing import Callable, Iterable, TextIO
 
@@ -93,7 +93,7 @@ async def run_replay(lines: Iterable[str], table: RuleTable, out: TextIO, err: T
 
     def emit(result: ActionResult) -> None:
         stats.actions += 1
-        out.write(json.dumps(result_line(result)) + "\n")
+        out.write(orjson.dumps(result_line(result)).decode() + "\n")
 
     replay = Replay(table, max_notify_lateness, emit)
     for number, line in enumerate(lines, 1):

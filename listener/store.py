@@ -43,8 +43,7 @@ class Fired(NamedTuple):
     row: dict[str, Any] | None = None  # the row after the change (CLAIMED), or as it is now
 
 
-@dataclass(frozen=True, slots=True)
-class FireRequest:
+class FireRequest(NamedTuple):
     """One call of listener_fire; see migrations/0003_functions.sql."""
 
     key: ActionKey
@@ -55,7 +54,7 @@ class FireRequest:
     reason: str | None = None
     finish: str | None = None  # complete the claim with this outcome, in the same call
     lateness_ms: int | None = None
-    detail: dict[str, Any] = field(default_factory=dict)
+    detail: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -83,7 +83,7 @@ class MemoryStore:
             entry.status_applied = True
         if request.finish is not None:
             entry.state, entry.fired_at, entry.lateness_ms, entry.detail = (
-                request.finish, request.fired_at, request.lateness_ms, request.detail)
+                request.finish, request.fired_at, request.lateness_ms, request.detail or {})
         return Fired(CLAIMED, entry.status_applied, entry.attempts,
                      None if row is None else dict(row))
 

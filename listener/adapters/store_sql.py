@@ -80,7 +80,7 @@ class SqlStore:
              to_datetime(request.fired_at), request.version,
              None if request.expected is None else list(request.expected),
              request.status, request.reason, request.finish, request.lateness_ms,
-             Jsonb(request.detail)))
+             Jsonb(request.detail or {})))
         return fired_from_json(result)
 
     async def complete(self, key: ActionKey, fence: Fence, outcome: str, fired_at: Instant,
