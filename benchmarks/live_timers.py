@@ -30,6 +30,7 @@ from listener.adapters.store_sql import SqlStore  # noqa: E402
 from listener.clock import WallClock  # noqa: E402
 from listener.daemon import Daemon, DaemonConfig  # noqa: E402
 from listener.logs import configure_logging  # noqa: E402
+from listener.tables import format_table  # noqa: E402
 from rules import load_rules  # noqa: E402
 
 
@@ -165,11 +166,7 @@ async def main() -> None:
                      f"{elapsed:.2f}", "", "", f"<= 5 ({count:,} timers armed)"))
     finally:
         drop(admin, db)
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    for i, row in enumerate(rows):
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
+    print(format_table(rows))
 
 
 if __name__ == "__main__":

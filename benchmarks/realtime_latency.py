@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import psycopg  # noqa: E402
 
 from listener import migrate  # noqa: E402
+from listener.tables import format_table  # noqa: E402
 from listener.logs import configure_logging  # noqa: E402
 from tests.conftest import _server_conninfo, with_dbname  # noqa: E402
 from tests.live import seed_people  # noqa: E402
@@ -121,12 +122,7 @@ def main() -> None:
                                       percentile(values, 99), max(values),
                                       statistics.fmean(values))))
         for stage, values in stages.items()]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    for i, row in enumerate(rows):
-        print("  ".join(c.ljust(w) if j == 0 else c.rjust(w)
-                        for j, (c, w) in enumerate(zip(row, widths))))
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
+    print(format_table(rows, numbers_right=True))
 
 
 if __name__ == "__main__":

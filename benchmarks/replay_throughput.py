@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.lifecycles import generate  # noqa: E402
 from listener.engine import Engine  # noqa: E402
 from listener.logs import configure_logging  # noqa: E402
+from listener.tables import format_table  # noqa: E402
 from listener.replay import run_replay  # noqa: E402
 from rules import load_rules  # noqa: E402
 
@@ -70,11 +71,7 @@ def main() -> None:
             ("replay throughput (events/s, CPU time)", f"{rate:,.0f}", ">= 50,000"),
             (f"memory per tracked session ({args.memory_sessions:,} sessions)",
              f"{per_session:,.0f} B", "<= 1,024 B")]
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    for i, row in enumerate(rows):
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
+    print(format_table(rows))
 
 
 if __name__ == "__main__":

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from pathlib import Path
 from typing import Optional
 
 import typer
 
-from listener.instants import BadInstant, format_duration, parse_instant
+from listener.instants import BadInstant, parse_instant
+from listener.tables import format_table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="The Auto Doctor session listener: every session deadline, once, on time.")
@@ -84,11 +84,7 @@ def rules_command() -> None:
         rows.append((str(number), rule.name + ("" if rule.enabled else " (off)"),
                      rule.when.describe(), rule.describe_due() if rule.enabled else "off",
                      rule.describe_actions(), late))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for i, row in enumerate(rows):
-        typer.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
-        if i == 0:
-            typer.echo("  ".join("-" * w for w in widths))
+    typer.echo(format_table(rows))
     if table.time_scale != 1:
         typer.echo(f"\nRULES_TIME_SCALE={table.time_scale:g}: offsets above are already divided.")
 
@@ -200,11 +196,7 @@ def plan(as_json: bool = typer.Option(False, "--json", help="JSON Lines instead 
         when = ("overdue " + format_duration(-delta // 1_000_000 * 1_000_000)
                 if delta < 0 else format_duration(delta // 1_000_000 * 1_000_000 or 1_000_000))
         rows.append((format_instant(due), when, rule.name, sid, statuses.get(sid) or ""))
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    for i, row in enumerate(rows):
-        typer.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
-        if i == 0:
-            typer.echo("  ".join("-" * w for w in widths))
+    typer.echo(format_table(rows))
     if len(rows) == 1:
         typer.echo("(nothing due)")
 

@@ -16,6 +16,7 @@ from psycopg.types.json import Jsonb
 from listener.executor import ActionResult
 from listener.instants import HOUR, MINUTE
 from listener.settings import Settings
+from listener.tables import format_table
 from rules.table import RuleTable
 
 DEMO_SCALE = 1440  # one day of rules in one minute
@@ -152,13 +153,7 @@ def summary_table(results: list[ActionResult], table: RuleTable) -> str:
         rows.append((rule.name, str(len(mine)),
                      f"{statistics.median(mine):.0f} ms" if mine else "-",
                      f"{max(mine)} ms" if mine else "-"))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = []
-    for i, row in enumerate(rows):
-        lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
-        if i == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return format_table(rows)
 
 
 async def run_demo(settings: Settings, table: RuleTable, out: Callable[[str], None],

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import tempfile
 import uuid
+from contextlib import contextmanager
 from typing import Iterator
 
 import psycopg
@@ -37,6 +38,20 @@ def with_dbname(conninfo: str, dbname: str) -> str:
     return conninfo.replace("dbname=postgres", f"dbname={dbname}")
 
 
+@contextmanager
+def scratch_database(admin: str, prefix: str, template: str | None = None) -> Iterator[str]:
+    """A new database (from `template` if given), dropped on the way out; its conninfo."""
+    name = f"{prefix}{uuid.uuid4().hex[:10]}"
+    clone = f' template "{template}"' if template else ""
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'create database "{name}"{clone}')
+    try:
+        yield with_dbname(admin, name)
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'drop database if exists "{name}" with (force)')
+
+
 @pytest.fixture(scope="session")
 def pg_admin() -> Iterator[str]:
     conninfo, server = _server_conninfo()
@@ -60,9 +75,5 @@ def pg_template(pg_admin: str) -> Iterator[str]:
 @pytest.fixture
 def database(pg_admin: str, pg_template: str) -> Iterator[str]:
     """A fresh, migrated database; its conninfo."""
-    name = f"listener_t_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(pg_admin, autocommit=True) as conn:
-        conn.execute(f'create database "{name}" template "{pg_template}"')
-    yield with_dbname(pg_admin, name)
-    with psycopg.connect(pg_admin, autocommit=True) as conn:
-        conn.execute(f'drop database if exists "{name}" with (force)')
+    with scratch_database(pg_admin, "listener_t_", pg_template) as conninfo:
+        yield conninfo

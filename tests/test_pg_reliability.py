@@ -75,7 +75,7 @@ async def crash_then_restart(database: str, tmp_path: Path, step: str) -> str:
                                                  "rule = 'request_expiry'"))
         await asyncio.sleep(0.3)
     # The first instance is gone with its claim unfinished; a second one resumes it.
-    async with LiveDaemon(database, tmp_path, lease_ttl_s=1.0, holder="second") as second:
+    async with LiveDaemon(database, tmp_path, lease_ttl_s=1.0, holder="second"):
         await eventually(lambda: ("request_expiry", "fired", sid) in ledger(database, sid))
         await asyncio.sleep(0.5)
     assert query(database, "select status from public.sessions where id = %s", sid) == [

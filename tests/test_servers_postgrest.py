@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import secrets
 import uuid
 from pathlib import Path
 from typing import Any
@@ -13,9 +11,8 @@ import httpx
 import psycopg
 import pytest
 
-from tests.conftest import with_dbname
+from tests.conftest import scratch_database
 from postgrest.exceptions import APIError
-from psycopg import sql
 from realtime import RealtimeSubscribeStates
 from supabase import AsyncClient, AsyncClientOptions, acreate_client
 
@@ -89,21 +86,13 @@ create function app_private.hidden() returns int language sql as $$ select 1 $$;
 @pytest.fixture(scope="module")
 def database(pg_admin: str) -> Any:
     """This module's own database (the server on 5432, or the embedded one)."""
-    admin = pg_admin
-    name = f"test_rest_{secrets.token_hex(6)}"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    conninfo = with_dbname(admin, name)
-    try:
+    with scratch_database(pg_admin, "test_rest_") as conninfo:
         # as on Supabase, the API roles and default privileges exist before the app's objects
         asyncio.run(setup_supabase_roles(conninfo))
         with psycopg.connect(conninfo, autocommit=True) as conn:
             conn.execute(REFERENCE_SCHEMA.read_text())
             conn.execute(FUNCTIONS)
         yield conninfo
-    finally:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import secrets
 import uuid
@@ -14,7 +13,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from tests.conftest import with_dbname
+from tests.conftest import scratch_database
 import websockets
 from psycopg import sql
 from realtime import AsyncRealtimeClient, RealtimeSubscribeStates
@@ -39,18 +38,10 @@ TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 @pytest.fixture(scope="module")
 def database(pg_admin: str) -> Any:
     """This module's own database (the server on 5432, or the embedded one)."""
-    admin = pg_admin
-    name = f"test_rt_{secrets.token_hex(6)}"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    conninfo = with_dbname(admin, name)
-    try:
+    with scratch_database(pg_admin, "test_rt_") as conninfo:
         with psycopg.connect(conninfo, autocommit=True) as conn:
             conn.execute(REFERENCE_SCHEMA.read_text())
         yield conninfo
-    finally:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 @pytest.fixture
