@@ -23,8 +23,6 @@ ENV PATH="/opt/venv/bin:$PATH"
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY listener ./listener
-COPY rules ./rules
-COPY migrations ./migrations
 
 # A regular (non-editable) install: the venv holds the code, /src is dropped.
 # --only-binary: fail loudly if a dependency ever needs compiling here.

@@ -31,7 +31,7 @@ from listener.clock import WallClock  # noqa: E402
 from listener.daemon import Daemon, DaemonConfig  # noqa: E402
 from listener.logs import configure_logging  # noqa: E402
 from listener.tables import format_table  # noqa: E402
-from rules import load_rules  # noqa: E402
+from listener.rules import load_rules  # noqa: E402
 
 
 def admin_conninfo() -> str:

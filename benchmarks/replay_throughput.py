@@ -22,7 +22,7 @@ from listener.engine import Engine  # noqa: E402
 from listener.logs import configure_logging  # noqa: E402
 from listener.tables import format_table  # noqa: E402
 from listener.replay import run_replay  # noqa: E402
-from rules import load_rules  # noqa: E402
+from listener.rules import load_rules  # noqa: E402
 
 
 def throughput(lines: list[str]) -> tuple[float, int]:

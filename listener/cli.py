@@ -20,7 +20,7 @@ def fail(message: str, code: int = 2) -> None:
 
 
 def load_table():
-    from rules import RuleConfigError, load_rules
+    from listener.rules import RuleConfigError, load_rules
 
     try:
         return load_rules()

@@ -26,7 +26,7 @@ from listener.ops import Readiness
 from listener.sessions import BadRow, parse_row
 from listener.source import ChangeSource
 from listener.store import Fence, Fenced, Store
-from rules.table import RuleTable
+from listener.rules.table import RuleTable
 
 log = structlog.get_logger("listener.daemon")
 

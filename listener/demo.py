@@ -17,7 +17,7 @@ from listener.executor import ActionResult
 from listener.instants import HOUR, MINUTE
 from listener.settings import Settings
 from listener.tables import format_table
-from rules.table import RuleTable
+from listener.rules.table import RuleTable
 
 DEMO_SCALE = 1440  # one day of rules in one minute
 CUSTOMER = "22222222-2222-4222-8222-222222222222"

@@ -36,7 +36,7 @@ from listener.executor import Deliverer
 from listener.instants import DAY, HOUR, MINUTE, SECOND, Instant, format_instant, to_datetime
 from listener.mailer import Mailer
 from listener.store import ActionKey, Contacts, Store
-from rules.table import RuleTable
+from listener.rules.table import RuleTable
 
 log = structlog.get_logger("listener.emails")
 

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator, Mapping, NamedTuple
 
 from listener.instants import HOUR, Instant
 from listener.sessions import SessionState, parse_row, session_id_of
-from rules.table import (
+from listener.rules.table import (
     KNOWN_STATUSES, MECHANIC_IF_ASSIGNED, SKIP_PAST_QUARTER, TERMINAL, Rule, RuleTable)
 
 FIRE, LATE, SKIP = "fired", "late", "skipped"

@@ -40,11 +40,11 @@ def _read(package: str) -> list[Migration]:
 
 
 def listener_migrations() -> list[Migration]:
-    return _read("migrations")
+    return _read("listener.migrations")
 
 
 def reference_migrations() -> list[Migration]:
-    return _read("migrations.reference")
+    return _read("listener.migrations.reference")
 
 
 def script(include_reference: bool = False) -> str:

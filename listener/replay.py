@@ -16,7 +16,7 @@ from listener.executor import ActionResult, Executor
 from listener.instants import HOUR, Instant, format_instant
 from listener.sessions import BadRow
 from listener.store import Fence
-from rules.table import RuleTable
+from listener.rules.table import RuleTable
 
 REPLAY_FENCE = Fence("replay", 0)
 

@@ -13,7 +13,7 @@ import structlog
 from listener import migrate
 from listener.settings import Settings
 from listener.source import ChangeSource
-from rules.table import RuleTable
+from listener.rules.table import RuleTable
 
 log = structlog.get_logger("listener")
 

@@ -8,7 +8,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from listener.replay import run_replay
-from rules import load_rules
+from listener.rules import load_rules
 
 T0 = datetime(2026, 3, 2, 10, 0, tzinfo=timezone.utc)
 MECH = "11111111-1111-4111-8111-111111111111"

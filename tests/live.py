@@ -19,7 +19,7 @@ from listener.emails import EmailComposer, EmailDeliverer
 from listener.executor import ActionResult
 from listener.instants import SECOND
 from listener.mailer import Mailer
-from rules import load_rules
+from listener.rules import load_rules
 
 CUSTOMER = "22222222-2222-4222-8222-222222222222"
 MECHANIC = "11111111-1111-4111-8111-111111111111"

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from rules import load_rules
+from listener.rules import load_rules
 
 
 def test_demo_fires_every_rule(tmp_path: Path) -> None:

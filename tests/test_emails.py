@@ -15,7 +15,7 @@ from listener.emails import (
 from listener.instants import HOUR, MINUTE, SECOND, parse_instant
 from listener.mailer import Mailer
 from listener.store import ActionKey, Contacts
-from rules import DEFAULT_RULES, load_rules
+from listener.rules import DEFAULT_RULES, load_rules
 
 APP = "https://app.example.com"
 FROM = "The Auto Doctor <noreply@example.com>"

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from listener.engine import Engine
 from listener.instants import MINUTE, parse_instant
-from rules import load_rules
+from listener.rules import load_rules
 from tests.helpers import MECH, at, iso, row
 
 T = parse_instant(iso(at(0)))

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from listener.replay import Replay
 from listener.store import ActionKey
-from rules import load_rules
+from listener.rules import load_rules
 from tests.helpers import MECH, T0, event, iso, row
 
 TABLE = load_rules({})

@@ -7,7 +7,7 @@ from listener.instants import Instant, format_instant
 from listener.store import (
     CONFLICT, DONE, FENCED, MISSING, STALE, CLAIMED, ActionKey, Contacts, Fence, FireRequest,
     Fired, LedgerEntry, UnfinishedClaim)
-from rules.table import TERMINAL
+from listener.rules.table import TERMINAL
 
 
 class MemoryStore:

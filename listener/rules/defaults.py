@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from listener.instants import HOUR, MINUTE
-from rules.table import (
+from listener.rules.table import (
     CUSTOMER, MECHANIC, MECHANIC_IF_ASSIGNED, SKIP_PAST_QUARTER, SUPPORT, Condition, Rule,
     StatusChange)
 

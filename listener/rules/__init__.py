@@ -4,8 +4,8 @@ from __future__ import annotations
 import os
 from typing import Mapping
 
-from rules.defaults import DEFAULT_RULES
-from rules.table import RuleConfigError, RuleTable, build_table
+from listener.rules.defaults import DEFAULT_RULES
+from listener.rules.table import RuleConfigError, RuleTable, build_table
 
 __all__ = ["DEFAULT_RULES", "RuleConfigError", "RuleTable", "load_rules"]
 
