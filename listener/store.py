@@ -1,6 +1,6 @@
 """The store port: every read and write the daemon makes, as the SQL functions
-in migrations/ define them. Implemented over SQL (psycopg), PostgREST RPC and
-in memory (replay, unit tests), with one semantics.
+in listener/migrations/ define them. Implemented over SQL (psycopg), PostgREST
+RPC and in memory (replay, unit tests), with one semantics.
 """
 from __future__ import annotations
 
@@ -11,15 +11,24 @@ from listener.instants import Instant, format_instant
 
 
 class ActionKey(NamedTuple):
-    """One episode: a rule, a session, a due instant. Unique in the ledger."""
+    """One episode: a rule, a row (table and key), a due instant. Unique in the ledger."""
 
     rule: str
-    session_id: str
+    table: str
+    row_key: str
     due_at: Instant
 
     @property
+    def session_id(self) -> str | None:
+        return self.row_key if self.table == "sessions" else None
+
+    @property
     def idempotency_key(self) -> str:
-        return f"listener/{self.rule}/{self.session_id}/{format_instant(self.due_at)}"
+        # Rows of sessions keep the key release 1 used, so a claim made before
+        # an upgrade is finished after it under the same key (never sent twice).
+        if self.table == "sessions":
+            return f"listener/{self.rule}/{self.row_key}/{format_instant(self.due_at)}"
+        return f"listener/{self.rule}/{self.table}/{self.row_key}/{format_instant(self.due_at)}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +53,7 @@ class Fired(NamedTuple):
 
 
 class FireRequest(NamedTuple):
-    """One call of listener_fire; see migrations/0003_functions.sql."""
+    """One call of the fire function (check version, claim, compare-and-set, finish)."""
 
     key: ActionKey
     fired_at: Instant
@@ -55,14 +64,17 @@ class FireRequest(NamedTuple):
     finish: str | None = None  # complete the claim with this outcome, in the same call
     lateness_ms: int | None = None
     detail: dict[str, Any] | None = None
+    # Other columns set with the status (or alone) in the same compare-and-set.
+    set_columns: dict[str, Any] | None = None
+    # A row for the app's timeline, inserted when the action finishes:
+    # {"table": "session_logs", "row": {column: value}}.
+    timeline: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
-class Contacts:
-    customer_email: str | None = None
-    customer_name: str | None = None
-    mechanic_email: str | None = None
-    mechanic_name: str | None = None
+class Contact:
+    email: str | None = None
+    name: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +83,7 @@ class UnfinishedClaim:
     status_applied: bool
     attempts: int
     fired_at: Instant | None = None
+    batch_key: str | None = None  # the frozen email batch it belongs to, if any
 
 
 @dataclass(slots=True)
@@ -90,23 +103,31 @@ class Fenced(Exception):
 
 
 class Store(Protocol):
-    def tracked_pages(self) -> AsyncIterator[list[dict[str, Any]]]:
-        """Every row a rule may care about (non-terminal, or completed and owing a
-        summary), in pages, with the rule columns and `_version`."""
+    def tracked_pages(self, table: str) -> AsyncIterator[list[dict[str, Any]]]:
+        """Every row of `table` a rule may care about (its conditions, from the
+        TableQuery the store was built with), in pages, with `_version`."""
 
-    async def read_session(self, session_id: str) -> dict[str, Any] | None:
-        """The row now, with an opaque `_version` for compare-and-set."""
+    async def changed_since(self, table: str, since: Instant,
+                            limit: int) -> list[dict[str, Any]]:
+        """Rows of `table` changed at or after `since`, oldest first, at most
+        `limit`: the incremental read that finds changes a source dropped."""
+
+    async def read_row(self, table: str, key: str) -> dict[str, Any] | None:
+        """The row now (the columns rules read), with an opaque `_version`."""
 
     async def fire(self, request: FireRequest, fence: Fence) -> Fired:
         """Check the row's version, claim, change the status, finish: one transaction."""
 
     async def complete(self, key: ActionKey, fence: Fence, outcome: str, fired_at: Instant,
-                       lateness_ms: int, detail: dict[str, Any]) -> bool:
-        """Finish a claim; False when fenced."""
+                       lateness_ms: int, detail: dict[str, Any],
+                       timeline: dict[str, Any] | None = None) -> bool:
+        """Finish a claim (and write its timeline row); False when fenced."""
 
     async def unfinished_claims(self) -> list[UnfinishedClaim]: ...
 
-    async def contacts(self, session_id: str) -> Contacts: ...
+    async def contacts(self, table: str, key: str) -> dict[str, Contact]:
+        """Email and name per recipient role of the row, from the table's
+        declared recipient columns."""
 
     async def acquire_lease(self, holder: str, ttl_seconds: float) -> int | None:
         """The fencing token when this holder now holds the lease, else None."""
@@ -116,8 +137,8 @@ class Store(Protocol):
     async def release_lease(self, fence: Fence) -> None: ...
 
 
-async def all_tracked(store: Store) -> list[dict[str, Any]]:
+async def all_tracked(store: Store, table: str) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
-    async for page in store.tracked_pages():
+    async for page in store.tracked_pages(table):
         rows.extend(page)
     return rows
