@@ -143,6 +143,7 @@ class Engine:
         self.max_tombstones = 100_000
         self._heap: list[tuple[Instant, int, str]] = []
         self._unknown_values: set[UnknownValue] = set()
+        self._unknown_statuses: set[tuple[str, str]] = set()
         self.new_unknown_values: list[UnknownValue] = []  # drained by the caller
         self.tables: dict[str, TableState] = {}
         # Child tables: child rows by key -> (parent key, numbers), and the sums per term.
@@ -237,7 +238,8 @@ class Engine:
         applied = Applied(table, key, problems)
         status = getattr(new, codec.status)
         known = ts.table.known_statuses
-        if known and status not in known:
+        if known and status not in known and (table, status) not in self._unknown_statuses:
+            self._unknown_statuses.add((table, status))
             applied.new_status = status
         if old is not None:
             new._fired = old._fired
