@@ -16,17 +16,18 @@ from typing import Any, Awaitable, Callable
 import structlog
 
 from listener import metrics
-from listener.changes import Change
+from listener.changes import Change, ChangeType
 from listener.clock import Clock
 from listener.effects import EventPublisher
 from listener.engine import Engine, Timer
 from listener.executor import ActionResult, Deliverer, Executor
 from listener.instants import HOUR, SECOND, Instant
 from listener.ops import Readiness
-from listener.sessions import BadRow, parse_row
+from listener.rows import BadRow
+from listener.rules.model import RuleSet
+from listener.rules.query import TableQuery
 from listener.source import ChangeSource
 from listener.store import Fence, Fenced, Store
-from listener.rules.table import RuleTable
 
 log = structlog.get_logger("listener.daemon")
 
@@ -35,6 +36,13 @@ log = structlog.get_logger("listener.daemon")
 MAX_WAIT_S = 0.5
 WORKERS = 16
 QUEUE_LIMIT = 100_000
+# The incremental read: every CATCH_UP_S, rows changed since the last one (less
+# CATCH_UP_OVERLAP, for transactions that commit after they stamped the row),
+# in pages of CATCH_UP_PAGE. It finds what a source dropped while it looked
+# healthy within a few seconds; the full sweep still covers deletes.
+CATCH_UP_S = 2.0
+CATCH_UP_OVERLAP = 3 * SECOND
+CATCH_UP_PAGE = 2000
 
 
 @dataclass
@@ -55,17 +63,24 @@ class LeaseLost(Exception):
 
 
 class Daemon:
-    def __init__(self, table: RuleTable, store: Store, source: ChangeSource, clock: Clock,
+    def __init__(self, ruleset: RuleSet, queries: dict[str, TableQuery], store: Store,
+                 source: ChangeSource, clock: Clock,
                  config: DaemonConfig | None = None, *, deliverer: Deliverer | None = None,
-                 publisher: EventPublisher | None = None, readiness: Readiness | None = None,
+                 publisher: EventPublisher | None = None, webhooks: Any = None,
+                 readiness: Readiness | None = None,
                  on_result: Callable[[ActionResult], None] | None = None) -> None:
-        self.table = table
+        self.ruleset = ruleset
+        self.queries = queries
+        # Children first: a parent's deadline counts its children's sums, and a
+        # parent armed before them would fire too early while the sweep runs.
+        self.sweep_order = sorted(queries, key=lambda t: queries[t].parent is None)
         self.store = store
         self.source = source
         self.clock = clock
         self.config = config or DaemonConfig()
         self.deliverer = deliverer
         self.publisher = publisher
+        self.webhooks = webhooks
         self.readiness = readiness or Readiness()
         self.on_result = on_result
         self.engine: Engine | None = None
@@ -74,6 +89,7 @@ class Daemon:
         self._wake: asyncio.Future[None] | None = None
         self._sweep_requested = asyncio.Event()
         self._swept_once = False
+        self._watermarks: dict[str, Instant] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._lost: asyncio.Future[BaseException] | None = None
 
@@ -84,12 +100,13 @@ class Daemon:
             self._changes.put_nowait(change)
         except asyncio.QueueFull:
             # Memory is bounded; the sweep that follows finds what was dropped.
-            self.bad_input("queue_full", "change queue full: sweeping", change.session_id)
+            self.bad_input("queue_full", "change queue full: sweeping", change.table, change.key)
             self._sweep_requested.set()
 
-    def bad_input(self, kind: str, detail: str, session_id: str | None = None) -> None:
+    def bad_input(self, kind: str, detail: str, table: str | None = None,
+                  key: str | None = None) -> None:
         metrics.BAD_INPUT.labels(kind).inc()
-        log.warning("bad_input", kind=kind, session_id=session_id, detail=detail[:500])
+        log.warning("bad_input", kind=kind, table=table, row_id=key, detail=detail[:500])
 
     def subscribed(self, source: str) -> None:
         self.readiness.source_subscribed = True
@@ -175,12 +192,13 @@ class Daemon:
 
     async def _serve(self, fence: Fence, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
-        self.engine = engine = Engine(self.table, self.config.max_notify_lateness)
+        self.engine = engine = Engine(self.ruleset, self.config.max_notify_lateness)
         self.executor = Executor(engine, self.store, self.clock, fence, deliverer=self.deliverer,
-                                 publisher=self.publisher, on_result=self.on_result,
-                                 background=self._spawn)
+                                 publisher=self.publisher, webhooks=self.webhooks,
+                                 on_result=self.on_result, background=self._spawn)
         self._lost = loop.create_future()
         self._swept_once = False
+        self._watermarks = {}
         self.readiness.source_subscribed = False  # set by the source once subscribed
         self.readiness.role = "active"
         queues: list[asyncio.Queue[tuple[Timer, Instant] | None]] = [
@@ -190,6 +208,7 @@ class Daemon:
             asyncio.create_task(self._consume_changes(), name="changes"),
             asyncio.create_task(self._timer_loop(queues), name="timers"),
             asyncio.create_task(self._reconcile_loop(), name="reconcile"),
+            asyncio.create_task(self._catch_up_loop(), name="catch-up"),
         ]
         renewer = asyncio.create_task(self._renew_lease(fence), name="lease")
         workers = [asyncio.create_task(self._worker(q), name=f"worker-{i}")
@@ -252,9 +271,9 @@ class Daemon:
         while True:
             now = clock.now()
             while (timer := engine.pop_due(now)) is not None:
-                queues[hash(timer.session_id) % len(queues)].put_nowait((timer, now))
+                queues[hash(timer.key) % len(queues)].put_nowait((timer, now))
             metrics.TIMERS_ARMED.set(engine.armed)
-            metrics.SESSIONS_TRACKED.set(len(engine.sessions))
+            metrics.SESSIONS_TRACKED.set(engine.tracked)
             due = engine.next_due()
             wait = MAX_WAIT_S if due is None else min(MAX_WAIT_S, max(0.0, (due - now) / SECOND))
             self._wake = loop.create_future()
@@ -281,34 +300,47 @@ class Daemon:
             try:
                 await self._apply(change)
             except Exception as exc:  # noqa: BLE001 - one bad change must not stop intake
-                self.bad_input("change", repr(exc), change.session_id)
+                self.bad_input("change", repr(exc), change.table, change.key)
 
     async def _apply(self, change: Change) -> None:
         engine = self.engine
         assert engine is not None
-        if change.type == "DELETE":
-            engine.delete(change.session_id)
+        if not engine.watches(change.table):
+            self.bad_input("unknown_table", "a change of a table no rule reads: ignored",
+                           change.table, change.key)
+            return
+        if change.type is ChangeType.DELETE:
+            engine.delete(change.table, change.key)
             self._poke()
             return
         row = change.record
-        if row is None or "status" not in row:
-            row = await self.store.read_session(change.session_id)
+        if row is None:
+            row = await self.store.read_row(change.table, change.key)
             if row is None:
-                engine.delete(change.session_id)
+                engine.delete(change.table, change.key)
                 return
-        try:
-            applied = engine.upsert(row, self.clock.now())
-        except BadRow as exc:
-            self.bad_input("row", str(exc), change.session_id)
-            return
-        self._report_problems(applied.session_id, applied.problems, applied.new_status)
+        self._upsert(change.table, change.key, row)
         self._poke()
 
-    def _report_problems(self, sid: str, problems: list[str], new_status: str | None) -> None:
-        for problem in problems:
-            self.bad_input("column", problem, sid)
-        if new_status is not None:
-            self.bad_input("unknown_status", f"status {new_status!r} treated as terminal", sid)
+    def _upsert(self, table: str, key: str, row: dict[str, Any]) -> int:
+        """Apply one row, reporting what is wrong with it; the episodes it newly owes."""
+        engine = self.engine
+        assert engine is not None
+        try:
+            applied = engine.upsert(table, row, self.clock.now())
+        except BadRow as exc:
+            self.bad_input("row", str(exc), table, key)
+            return 0
+        for problem in applied.problems:
+            self.bad_input("column", problem, table, applied.key)
+        if applied.new_status is not None:
+            self.bad_input("unknown_status",
+                           f"status {applied.new_status!r} treated as terminal", table, applied.key)
+        for unknown in engine.new_unknown_values:
+            self.bad_input("unknown_value", f"{unknown.column} = {unknown.value!r} is not in the "
+                           "rules' map: no deadline computed from it", table, applied.key)
+        engine.new_unknown_values.clear()
+        return applied.armed
 
     async def _reconcile_loop(self) -> None:
         interval = self.config.reconcile_interval / SECOND
@@ -328,34 +360,86 @@ class Daemon:
                 self.readiness.database_reachable = False
                 log.error("reconcile_failed", error=repr(exc))
 
+    async def _catch_up_loop(self) -> None:
+        while True:
+            await asyncio.sleep(CATCH_UP_S)
+            if not self._swept_once:
+                continue
+            try:
+                await self.catch_up()
+            except Fenced as exc:
+                self._lose(exc)
+                return
+            except Exception as exc:  # noqa: BLE001 - the sweep covers it; try again soon
+                log.warning("catch_up_failed", error=repr(exc))
+
+    async def catch_up(self) -> int:
+        """Apply rows changed since the watermark that memory does not hold; the
+        number of them (changes the source never delivered, or not yet)."""
+        from listener.instants import BadInstant, parse_instant
+
+        engine = self.engine
+        assert engine is not None
+        found = 0
+        for table in self.sweep_order:
+            since = self._watermarks.get(table)
+            if since is None:
+                continue
+            while True:
+                rows = await self.store.changed_since(table, since - CATCH_UP_OVERLAP,
+                                                      CATCH_UP_PAGE)
+                newest = since
+                for row in rows:
+                    try:
+                        stamp = parse_instant(row.get("_changed_at"))
+                    except BadInstant:
+                        stamp = None
+                    if stamp is not None and stamp > newest:
+                        newest = stamp
+                    key = self._key_of(table, row)
+                    if key is None:
+                        continue
+                    known = engine.row(table, key)
+                    if known is not None and known._version is not None \
+                            and known._version == row.get("_version"):
+                        continue
+                    if self._upsert(table, key, row) > 0:
+                        found += 1
+                self._watermarks[table] = newest
+                if len(rows) < CATCH_UP_PAGE or newest == since:
+                    break
+                since = newest + CATCH_UP_OVERLAP  # a full page: go on from its last row
+        if found:
+            metrics.RECONCILE_DRIFT.inc(found)
+            log.info("caught_up", rows=found)
+            self._poke()
+        return found
+
     async def reconcile(self) -> int:
         """Reload every row the rules care about, re-arm, resume unfinished claims.
         Returns the drift: rows memory had wrong (after the first sweep)."""
         engine, executor = self.engine, self.executor
         assert engine is not None and executor is not None
-        seen: set[str] = set()
         drift = 0
         count = 0
-        async for page in self.store.tracked_pages():
-            for row in page:
-                count += 1
-                drift += await self._reconcile_row(row, seen)
-                if count % 500 == 0:
-                    await asyncio.sleep(0)  # keep the timer loop on time
-        for sid in [s for s in engine.sessions if s not in seen]:
-            row = await self.store.read_session(sid)
-            if row is None:
-                engine.delete(sid)
-                drift += 1
-            else:
-                known = engine.sessions[sid]
-                try:
-                    engine.upsert(row, self.clock.now())
-                except BadRow as exc:
-                    self.bad_input("row", str(exc), sid)
-                    continue
-                current = engine.sessions.get(sid)
-                drift += current is None or not current.same_facts(known)
+        # Rows changed from a little before this sweep on are the incremental
+        # read's (the sweep's snapshot may miss them); older ones are the sweep's.
+        started = self.clock.now() - 10 * SECOND
+        for table in self.sweep_order:
+            self._watermarks.setdefault(table, started)
+            seen: set[str] = set()
+            async for page in self.store.tracked_pages(table):
+                for row in page:
+                    count += 1
+                    drift += await self._reconcile_row(table, row, seen)
+                    if count % 500 == 0:
+                        await asyncio.sleep(0)  # keep the timer loop on time
+            for key in [k for k in engine.keys(table) if k not in seen]:
+                row = await self.store.read_row(table, key)
+                if row is None:
+                    drift += engine.delete(table, key)
+                else:
+                    drift += self._upsert(table, key, row) > 0
         for unfinished in await self.store.unfinished_claims():
             if unfinished.key not in executor.in_flight:
                 await executor.resume(unfinished)
@@ -368,37 +452,46 @@ class Daemon:
         self._poke()
         return drift
 
-    async def _reconcile_row(self, row: dict[str, Any], seen: set[str]) -> int:
+    async def _reconcile_row(self, table: str, row: dict[str, Any], seen: set[str]) -> int:
         """Bring memory in line with one tracked row; 1 when memory had it wrong."""
         engine = self.engine
         assert engine is not None
-        sid = row.get("id") if isinstance(row, dict) else None
-        if not isinstance(sid, str):
-            self.bad_input("row", f"tracked row without id: {str(row)[:200]}")
+        key = self._key_of(table, row)
+        if key is None:
             return 0
-        seen.add(sid)
-        known = engine.sessions.get(sid)
-        if known is not None and known.version is not None \
-                and known.version == row.get("_version"):
+        seen.add(key)
+        known = engine.row(table, key)
+        if known is not None and known._version is not None \
+                and known._version == row.get("_version"):
             return 0  # memory already holds this version of the row
-        drift = 0
-        try:
-            if known is not None:
-                state, _ = parse_row(row, known, self.clock.now())
-                if not state.same_facts(known):
-                    # The sweep's snapshot may be older than a change already
-                    # applied: judge with the row as it is now.
-                    row = await self.store.read_session(sid) or row
-                    fresh, _ = parse_row(row, known, self.clock.now())
-                    drift = int(not fresh.same_facts(known))
-            elif self._swept_once:
-                drift = 1
-            applied = engine.upsert(row, self.clock.now())
-            if known is None:
-                self._report_problems(sid, applied.problems, applied.new_status)
-        except BadRow as exc:
-            self.bad_input("row", str(exc), sid)
-        return drift
+        differs = False
+        if known is not None and table in engine.tables:
+            try:
+                fresh = engine.parse(table, row, self.clock.now())
+            except BadRow as exc:
+                self.bad_input("row", str(exc), table, key)
+                return 0
+            if not fresh.same_facts(known):
+                # The sweep's snapshot may be older than a change already applied:
+                # judge with the row as it is now.
+                row = await self.store.read_row(table, key) or row
+                try:
+                    differs = not engine.parse(table, row, self.clock.now()).same_facts(known)
+                except BadRow:
+                    differs = True  # _upsert below reports it
+        armed = self._upsert(table, key, row)
+        # Drift: memory was wrong about a row (a change the source never delivered).
+        return int(self._swept_once and (differs or (known is None and armed > 0)))
+
+    def _key_of(self, table: str, row: Any) -> str | None:
+        from listener.rows import key_text
+
+        column = self.queries[table].key
+        key = key_text(row.get(column)) if isinstance(row, dict) else None
+        if key is None:
+            self.bad_input("row", f"tracked row without a usable {column}: {str(row)[:200]}",
+                           table)
+        return key
 
     async def _renew_lease(self, fence: Fence) -> None:
         ttl = self.config.lease_ttl / SECOND
