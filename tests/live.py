@@ -125,9 +125,20 @@ class LiveDaemon:
         await self.store.close()
 
     async def active(self, timeout: float = 20.0) -> None:
-        await eventually(lambda: self.daemon.readiness.role == "active"
-                         and self.daemon.readiness.source_subscribed
-                         and self.daemon._swept_once, timeout)
+        """Until the daemon holds the lease, is subscribed and has swept once;
+        fails at once if it stopped instead."""
+        active = asyncio.ensure_future(self.daemon.events.active.wait())
+        stopped = asyncio.ensure_future(self.daemon.events.stopped.wait())
+        try:
+            await asyncio.wait([active, stopped], timeout=timeout,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            active.cancel()
+            stopped.cancel()
+        if self.daemon.events.stopped.is_set():
+            raise AssertionError("the daemon stopped before it became active")
+        if not self.daemon.events.active.is_set():
+            raise AssertionError(f"not active within {timeout} s")
 
     def fired(self, rule: str | None = None) -> list[ActionResult]:
         return [r for r in self.results if rule is None or r.key.rule == rule]
