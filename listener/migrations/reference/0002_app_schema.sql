@@ -433,8 +433,18 @@ create table if not exists public.workshop_escalation_queue (
     quote_id uuid references public.repair_quotes (id),
     declined_reason text,
     declined_at timestamptz,
-    -- added by the RFQ migration (20251206000002_phase6_workshop_rfq_marketplace.sql)
+    -- added by the RFQ migration (20251206000002_phase6_workshop_rfq_marketplace.sql);
+    -- the app's RFQ routes also write status 'draft' and 'posted' and a column
+    -- columns escalation_status and metadata, which neither the CHECK nor any
+    -- migration has.
+    escalation_type text default 'direct_assignment'
+        check (escalation_type in ('direct_assignment', 'rfq_marketplace')),
     rfq_marketplace_id uuid,
+    rfq_posted_at timestamptz,
+    rfq_bid_deadline timestamptz,
+    rfq_bid_count integer default 0,
+    winning_workshop_id uuid references public.organizations (id),
+    customer_selected_bid_at timestamptz,
     created_at timestamptz default now(),
     updated_at timestamptz default now()
 );
