@@ -25,7 +25,8 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 
-async def _one(conn: psycopg.AsyncConnection, sql: str, params: tuple | dict = ()) -> dict[str, Any] | None:
+async def _one(conn: psycopg.AsyncConnection, sql: str,
+               params: tuple | dict = ()) -> dict[str, Any] | None:
     async with conn.cursor(row_factory=dict_row) as cur:
         await cur.execute(sql, params)
         return await cur.fetchone() if cur.description else None
@@ -161,7 +162,8 @@ async def extend_session(conn: psycopg.AsyncConnection, session_id: str, minutes
         "update public.sessions set "
         "duration_minutes = coalesce(duration_minutes, 0) + %(m)s, "
         "expires_at = case "
-        "  when expires_at is not null then greatest(expires_at, now()) + make_interval(mins => %(m)s) "
+        "  when expires_at is not null "
+        "       then greatest(expires_at, now()) + make_interval(mins => %(m)s) "
         "  when started_at is not null then started_at "
         "       + make_interval(mins => coalesce(duration_minutes, 0) + %(m)s) "
         "  else null end, "
@@ -218,7 +220,8 @@ async def record_no_show_compensation(conn: psycopg.AsyncConnection, session_id:
             (row["mechanic_user_id"], session_id, mechanic_share))
     await conn.execute(
         "insert into public.customer_credits (customer_user_id, session_id, amount, type, status, "
-        "expires_at) values (%s, %s, %s, 'no_show_credit', 'available', now() + interval '90 days')",
+        "expires_at) values (%s, %s, %s, 'no_show_credit', 'available', "
+        "now() + interval '90 days')",
         (row["customer_user_id"], session_id, paid_amount - mechanic_share))
 
 
@@ -307,8 +310,9 @@ async def invite_mechanic(conn: psycopg.AsyncConnection, organization_id: str, i
 
 async def create_rfq(conn: psycopg.AsyncConnection, customer_id: str, mechanic_id: str,
                      title: str, bid_deadline_hours: int = 72) -> str:
-    """An RFQ open for bids, as the mechanic's draft (src/app/api/mechanic/rfq/create-draft/route.ts)
-    leaves it once the customer approves it (src/app/api/customer/rfq/drafts/[draftId]/approve/route.ts):
+    """An RFQ open for bids, as the mechanic's draft
+    (src/app/api/mechanic/rfq/create-draft/route.ts) leaves it once the
+    customer approves it (src/app/api/customer/rfq/drafts/[draftId]/approve/route.ts):
     a completed diagnostic session, its escalation row, and the RFQ 'open'
     until bid_deadline. The app writes the escalation as 'draft' then
     'posted', which its CHECK rejects; here it is 'pending', the status the
