@@ -322,7 +322,7 @@ class WebhookSender:
         if self._closed:
             raise RuntimeError("the webhook sender is closed")
         body = event.body()  # the same bytes on every attempt
-        ctx = {"event": event.event, "rule": event.rule, "table": event.table,
+        ctx = {"webhook": event.event, "rule": event.rule, "table": event.table,
                "row_id": event.row_id, "idempotency_key": event.id}
         attempts = 0
 
