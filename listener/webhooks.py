@@ -5,6 +5,8 @@ One `POST` of JSON per action to `WEBHOOK_URL`, with two headers:
 
 - `Idempotency-Key: <id>`: the action's ledger key, the same on every attempt
   and after a restart, so the app can do its work at most once per action.
+  It is the body's `id` itself for printable-ASCII keys (every uuid or
+  integer key), percent-encoded otherwise; the body's `id` is the signed one.
 - `Listener-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<body>">`
   keyed with `WEBHOOK_SECRET`, over the exact bytes of the body. `t` is taken
   at each attempt, so a retry after a long backoff is not refused as stale.
@@ -53,7 +55,9 @@ import enum
 import hashlib
 import hmac
 import random
+import string
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -78,6 +82,9 @@ IDEMPOTENCY_HEADER = "Idempotency-Key"
 SIGNATURE_VERSION = "v1"
 # How old (or how far ahead) a signature's t may be before the app refuses it.
 DEFAULT_TOLERANCE_S = 300
+# Header values must be printable ASCII: any other character of a key (a text
+# primary key may hold anything) is percent-encoded, and so is "%" itself.
+_HEADER_SAFE = "".join(c for c in string.printable[:95] if c != "%")
 # Enough of an error response to say why, never a whole page in the ledger.
 _REASON_BODY_CHARS = 200
 
@@ -222,6 +229,12 @@ def verify_signature(secret: str | bytes | SecretStr, header: str | None, body: 
         # Every candidate is compared, so timing says nothing about which matched.
         matched |= hmac.compare_digest(expected, candidate.encode("ascii", "replace"))
     return matched
+
+
+def idempotency_header(key: str) -> str:
+    """The `Idempotency-Key` value: the key itself when it is printable ASCII
+    without "%" (uuid and integer keys always are), else percent-encoded."""
+    return urllib.parse.quote(key, safe=_HEADER_SAFE)
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
@@ -371,7 +384,7 @@ class WebhookSender:
 
     async def _post(self, idempotency_key: str, body: bytes) -> _Attempt:
         async with self._slots:
-            headers = {IDEMPOTENCY_HEADER: idempotency_key,
+            headers = {IDEMPOTENCY_HEADER: idempotency_header(idempotency_key),
                        SIGNATURE_HEADER: sign(self._secret, body, int(self._wall_clock()))}
             try:
                 # One deadline for connecting, sending and reading the answer; a

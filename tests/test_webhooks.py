@@ -101,6 +101,19 @@ async def test_a_receiver_with_another_secret_refuses_it_and_that_is_not_retried
     assert [r.verified for r in rx.requests] == [False]
 
 
+async def test_a_key_that_is_not_plain_ascii_is_percent_encoded_in_the_header(receiver, sender):
+    key = ActionKey("invite_expiry", "workshop_invites", "café\r\nX-Evil: 1", DUE)
+    event = WebhookEvent.of_action(key, "workshop_invite.expired", fired_at=DUE, late=False)
+    result = await sender.send(event)
+    assert result.ok
+    [request] = receiver.requests
+    assert request.payload["id"] == event.id  # the signed body carries it as is
+    assert request.headers["Idempotency-Key"] == (
+        "listener/invite_expiry/workshop_invites/caf%C3%A9%0D%0AX-Evil: 1/2026-03-02T10:00:00Z")
+    assert "X-Evil" not in request.headers
+    assert request.payload["status_change"] is None and request.payload["keys"] == {}
+
+
 def test_verify_signature_refuses_tampering_staleness_and_garbage():
     body = b'{"id":"k","event":"session.ended"}'
     now = 1_772_445_600
