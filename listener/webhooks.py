@@ -39,10 +39,15 @@ Wiring it into the executor (once per claimed action whose rule has a
     ...
     await sender.aclose()                            # at shutdown
 
+`send` takes as long as its retries do (seconds to minutes), so run it where
+emails run, in the background, never on the path of other timers. A send
+cancelled at shutdown leaves the claim unfinished: it is resumed at start-up
+and sent again under the same key.
+
 `fired_at` should be the claim's own (the ledger's `fired_at` when resuming a
 claim after a crash) so a resent body is the same as the first. `send` on a
 closed sender raises RuntimeError: the claim then stays unfinished and is
-resumed, instead of being recorded as failed. Cancellation propagates.
+resumed, instead of being recorded as failed.
 
 The app verifies requests as `verify_signature` does: HMAC-SHA256 over
 "<t>.<raw body>", compared in constant time, `t` within five minutes.
