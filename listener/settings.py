@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from listener.instants import parse_duration
@@ -18,8 +19,15 @@ def _duration(value: object, name: str) -> int:
         raise ValueError(f"{name}: {exc}") from None
 
 
+def _config_error(message: str) -> PydanticCustomError:
+    # Not ValueError: its message would gain a "Value error, " prefix.
+    return PydanticCustomError("configuration", message)
+
+
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
+    # Inputs stay out of error messages: they may hold a secret.
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True,
+                                      hide_input_in_errors=True)
 
     database_url: str | None = None
     supabase_url: str | None = Field(
@@ -37,6 +45,8 @@ class Settings(BaseSettings):
     email_outbox: Path | None = None
 
     mqtt_url: str | None = None
+    webhook_url: str | None = None
+    webhook_secret: SecretStr | None = None
     log_level: str = "INFO"
 
     max_notify_lateness: int = 3600 * 1_000_000
@@ -51,6 +61,21 @@ class Settings(BaseSettings):
     @classmethod
     def _durations(cls, value: object, info) -> int:  # type: ignore[no-untyped-def]
         return _duration(value, info.field_name.upper())
+
+    @model_validator(mode="after")
+    def _webhook_pair(self) -> Settings:
+        # Either half alone is a mistake: unsigned calls, or a secret for nothing.
+        url, secret = self.webhook_url or None, self.webhook_secret
+        secret_text = secret.get_secret_value() if secret is not None else ""
+        if bool(url) != bool(secret_text):
+            missing = "WEBHOOK_SECRET" if url else "WEBHOOK_URL"
+            raise _config_error(f"WEBHOOK_URL and WEBHOOK_SECRET go together: {missing} is not set")
+        if url and not url.startswith(("http://", "https://")):
+            raise _config_error("WEBHOOK_URL must start with http:// or https://")
+        if secret_text and len(secret_text) < 16:
+            raise _config_error("WEBHOOK_SECRET must be at least 16 characters "
+                                "(for example: openssl rand -hex 32)")
+        return self
 
     @property
     def backend(self) -> str:
