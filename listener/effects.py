@@ -85,27 +85,12 @@ class ActionEvent:
         return out
 
 
-@dataclass(frozen=True, slots=True)
-class WebhookCall:
-    """One rule's webhook event, as the app receives it."""
-
-    id: str  # the action's idempotency key: the app deduplicates on it
-    event: str
-    rule: str
-    table: str
-    row_id: str
-    due_at: str
-    fired_at: str
-    late: bool
-    status: str | None = None
-    reason: str | None = None
-    keys: dict[str, Any] = field(default_factory=dict)  # the row's key columns
-
-
 class WebhookPort(Protocol):
-    async def call(self, call: WebhookCall) -> str | None:
-        """Deliver the event (retrying what is worth retrying); None when the
-        app took it, else why not. Never raises but for cancellation."""
+    """Sends a rule's webhook event to the app (listener.webhooks.WebhookSender)."""
+
+    async def send(self, event: Any) -> Any:
+        """Deliver (retrying what is worth retrying); a result with `.ok` and
+        `.as_detail()`. Never raises for a delivery failure."""
 
 
 class EventPublisher(Protocol):

@@ -17,7 +17,7 @@ import structlog
 
 from listener import logs, metrics
 from listener.clock import Clock
-from listener.effects import ActionEvent, EventPublisher, WebhookCall, WebhookPort
+from listener.effects import ActionEvent, EventPublisher, WebhookPort
 from listener.engine import Decision, Engine, Timer
 from listener.instants import format_instant
 from listener.rows import BadRow, RowState
@@ -311,15 +311,6 @@ class Executor:
                 pass
         log.debug("timer_dropped", rule=timer.rule.name, table=timer.table, row_id=timer.key)
 
-    def webhook_call(self, key: ActionKey, rule: Rule, fired_at: int, decision: Decision,
-                     status: str | None, reason: str | None) -> WebhookCall:
-        table = self.engine.ruleset.tables[key.table]
-        return WebhookCall(
-            id=key.idempotency_key, event=rule.webhook or "", rule=rule.name, table=key.table,
-            row_id=key.row_key, due_at=format_instant(key.due_at),
-            fired_at=format_instant(fired_at), late=decision.outcome is Outcome.LATE,
-            status=status, reason=reason, keys={table.key: key.row_key})
-
     async def _effect_and_finish(self, key: ActionKey, rule: Rule, fired_at: int,
                                  decision: Decision, status: str | None, reason: str | None,
                                  row: dict[str, Any]) -> ActionResult:
@@ -341,17 +332,17 @@ class Executor:
                 detail["email_errors"] = errors
                 failed = True
         if webhook:
-            assert self.webhooks is not None
-            call = self.webhook_call(key, rule, fired_at, decision, status, reason)
-            try:
-                error = await self.webhooks.call(call)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - recorded as failed, never dropped
-                error = repr(exc)
-            detail["webhook"] = {"event": rule.webhook, "sent": error is None}
-            if error is not None:
-                detail["webhook"]["error"] = error
+            from listener.webhooks import WebhookEvent, key_columns
+
+            assert self.webhooks is not None and rule.webhook is not None
+            event = WebhookEvent.of_action(
+                key, rule.webhook, fired_at=fired_at, late=decision.outcome is Outcome.LATE,
+                status=status, reason=reason,
+                keys=key_columns(self.engine.ruleset.tables[key.table], row))
+            # A closed sender raises: the claim stays unfinished and is resumed.
+            result = await self.webhooks.send(event)
+            detail["webhook"] = {"event": rule.webhook, **result.as_detail()}
+            if not result.ok:
                 failed = True
         outcome = Outcome.FAILED if failed else decision.outcome
         result = ActionResult(key, fired_at, outcome, status, reason, decision.recipients,

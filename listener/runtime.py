@@ -154,13 +154,12 @@ async def effects(settings: Settings, ruleset: RuleSet, store: Any, identifier: 
                     max_attempts=settings.email_max_attempts, **(mailer_options or {}))
     composer = EmailComposer.from_settings(settings, ruleset)
     found = Effects(EmailDeliverer(store, composer, mailer))
-    webhook_url = getattr(settings, "webhook_url", None)
-    webhook_secret = getattr(settings, "webhook_secret", None)
-    if webhook_url and webhook_secret is not None:
-        from listener.webhooks import webhook_port
+    from listener.webhooks import WebhookSender
 
-        found.webhooks = webhook_port(webhook_url, webhook_secret.get_secret_value())
+    found.webhooks = WebhookSender.from_settings(settings)
+    if found.webhooks is not None:
         closers.append(found.webhooks.aclose)
+        log.info("webhooks_to", url=settings.webhook_url)
     if publisher is not None:
         found.publisher = publisher
     elif settings.mqtt_url:

@@ -95,11 +95,14 @@ def rule_columns(rule: Rule, table: Table) -> list[str]:
 
 
 def optional_columns(rule: Rule, table: Table) -> list[str]:
-    """Columns read where they exist: the recipients of "role?" (is there one?)."""
+    """Columns read where they exist: the recipients of "role?" (is there one?),
+    and for a rule with a webhook every recipient column (whose row it is)."""
     out: list[str] = []
     for role in rule.notify:
         if role.endswith("?") and role[:-1] in table.recipients:
             out += [s.column for s in table.recipients[role[:-1]].sources if s.column]
+    if rule.webhook:
+        out += [s.column for r in table.recipients.values() for s in r.sources if s.column]
     return out
 
 
