@@ -3,6 +3,7 @@ SqlStore (psycopg) and RpcStore (PostgREST, through the test server) gives the
 same answers."""
 from __future__ import annotations
 
+import asyncio
 import re
 from datetime import datetime, timedelta
 from importlib import resources
@@ -203,3 +204,30 @@ async def test_rpc_answers_like_sql(prepared: str) -> None:
     assert rpc_changes == [31, 33, 32, 2]
     assert {"listener_fire_v2", "listener_tracked_rows_v2", "listener_changed_rows_v2",
             "listener_contacts_v2", "listener_complete_v2"} <= called
+
+
+async def test_rpc_fire_with_a_lost_answer_is_settled_by_the_ledger(prepared: str) -> None:
+    await setup_supabase_roles(prepared)
+    with psycopg.connect(prepared, autocommit=True) as conn:
+        conn.execute(resources.files("listener.migrations")
+                     .joinpath("0006_rows_of_any_table.sql").read_text())
+        insert(conn, "test_holds", {"hold_no": 1, "state": "held", "expires_at": iso(NOW)})
+    async with PostgrestServer(prepared) as rest:
+        store = RpcStore(rest.url, SERVICE_ROLE_KEY, QUERIES, timeout=0.5, max_attempts=3,
+                         retry_initial_s=0.01)
+        await store.open()
+        try:
+            f = Fence("a", await store.acquire_lease("a", 60))
+            rest.hang_after_commit, rest.hang_seconds = True, 2.0
+            request = FireRequest(ActionKey("hold_expiry", "test_holds", "1", DUE), DUE,
+                                  expected=("held",), status="expired", reason="lapsed")
+            task = asyncio.ensure_future(store.fire(request, f))
+            await rest.wait_for(lambda: rest.calls_total >= 1)
+            rest.hang_after_commit, rest.hang_seconds = False, 0.0
+            fired = await task
+        finally:
+            await store.close()
+    # The first attempt committed; its answer was lost. The ledger says so: applied,
+    # and no second compare-and-set ('conflict' against its own change).
+    assert fired.outcome == "claimed" and fired.status_applied
+    assert fired.row["state"] == "expired"
