@@ -218,16 +218,18 @@ async def test_rpc_fire_with_a_lost_answer_is_settled_by_the_ledger(prepared: st
         await store.open()
         try:
             f = Fence("a", await store.acquire_lease("a", 60))
+            version = (await store.read_row("test_holds", "1"))["_version"]
             rest.hang_after_commit, rest.hang_seconds = True, 2.0
             request = FireRequest(ActionKey("hold_expiry", "test_holds", "1", DUE), DUE,
-                                  expected=("held",), status="expired", reason="lapsed")
+                                  version=version, expected=("held",), status="expired",
+                                  reason="lapsed")
             task = asyncio.ensure_future(store.fire(request, f))
             await rest.wait_for(lambda: rest.calls_total >= 1)
             rest.hang_after_commit, rest.hang_seconds = False, 0.0
             fired = await task
         finally:
             await store.close()
-    # The first attempt committed; its answer was lost. The ledger says so: applied,
-    # and no second compare-and-set ('conflict' against its own change).
+    # The first attempt committed; its answer was lost. The ledger says so: applied
+    # (a blind retry would find the row at a new version, its own: 'stale').
     assert fired.outcome == "claimed" and fired.status_applied
     assert fired.row["state"] == "expired"
