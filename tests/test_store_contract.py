@@ -224,7 +224,9 @@ async def test_rpc_fire_with_a_lost_answer_is_settled_by_the_ledger(prepared: st
                                   version=version, expected=("held",), status="expired",
                                   reason="lapsed")
             task = asyncio.ensure_future(store.fire(request, f))
-            await rest.wait_for(lambda: rest.calls_total >= 1)
+            await rest.wait_for(lambda: any(c.function == "listener_fire_v2"
+                                            for c in rest.calls))
+            await asyncio.sleep(0.2)  # committed, and sitting on the answer
             rest.hang_after_commit, rest.hang_seconds = False, 0.0
             fired = await task
         finally:
