@@ -24,8 +24,10 @@ class Backend:
 
     def use(self, queries: dict[str, TableQuery]) -> None:
         """Read and follow these tables (the rules as active in this database)."""
-        self.store.queries = queries
-        self.source.queries = queries
+        self.store.queries = dict(queries)
+        use = getattr(self.source, "use", None)
+        if use is not None:
+            use(queries)
 
     async def close(self) -> None:
         for close in reversed(self.closers):

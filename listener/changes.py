@@ -8,15 +8,19 @@ from typing import Any, Mapping
 import orjson
 
 from listener.instants import BadInstant, Instant, parse_instant
-from listener.rows import key_text
 
-DEFAULT_TABLE = "sessions"
 
 
 class ChangeType(str, enum.Enum):
     INSERT = "INSERT"
     UPDATE = "UPDATE"
     DELETE = "DELETE"
+
+
+CHANGE_TYPES = tuple(t.value for t in ChangeType)
+DEFAULT_TABLE = "sessions"
+DEFAULT_KEY = "id"
+MAX_KEY_LENGTH = 100
 
 
 class BadChange(ValueError):
@@ -27,35 +31,41 @@ class BadChange(ValueError):
 class Change:
     type: ChangeType
     table: str
-    key: str
-    record: dict[str, Any] | None  # full row for INSERT and UPDATE; None: read it
+    key: str  # the row's key as text
+    record: dict[str, Any] | None  # the row's columns for INSERT and UPDATE, when known
     at: Instant | None = None  # when the database saw it, if known
 
-
-def key_of(row: Any, column: str) -> str:
-    if not isinstance(row, dict):
-        raise BadChange("row is not an object")
-    key = key_text(row.get(column))
-    if key is None:
-        raise BadChange(f"row has no usable {column} ({row.get(column)!r:.60})")
-    return key
+    @property
+    def session_id(self) -> str | None:
+        return self.key if self.table == "sessions" else None
 
 
-def change_from_payload(payload: Any, keys: Mapping[str, str] | None = None, *,
-                        require_at: bool = False) -> Change:
+def key_of(row: Any, column: str, table: str) -> str:
+    """A row's key as text (what the ledger and the functions take). Raises BadChange."""
+    if not isinstance(row, Mapping):
+        raise BadChange(f"{table}: row is not an object")
+    value = row.get(column)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if type(value) is not str or not value or len(value) > MAX_KEY_LENGTH:
+        raise BadChange(f"{table}: row has no usable {column} ({value!r:.60})")
+    return value
+
+
+def change_from_payload(payload: Any, *, require_at: bool = False,
+                        key_columns: Mapping[str, str] | None = None) -> Change:
     """Validate {"type", "table"?, "record", "old_record", "at"?} (replay lines and
-    NOTIFY payloads share this shape). `keys` maps a table to its key column
-    ("id" otherwise). Raises BadChange with a reason."""
+    NOTIFY payloads share this shape); the key is read from the table's key
+    column (`key_columns`, default "id"). Raises BadChange with a reason."""
     if not isinstance(payload, dict):
         raise BadChange("not a JSON object")
-    try:
-        kind = ChangeType(payload.get("type"))
-    except ValueError:
-        raise BadChange(f"type must be one of INSERT, UPDATE, DELETE, not "
-                        f"{payload.get('type')!r:.40}") from None
+    kind = payload.get("type")
+    if kind not in CHANGE_TYPES:
+        raise BadChange(f"type must be one of {', '.join(CHANGE_TYPES)}, not {kind!r:.40}")
     table = payload.get("table") or DEFAULT_TABLE
     if not isinstance(table, str):
         raise BadChange("table must be a string")
+    column = (key_columns or {}).get(table, DEFAULT_KEY)
     at = None
     if require_at or payload.get("at") is not None:
         try:
@@ -64,19 +74,19 @@ def change_from_payload(payload: Any, keys: Mapping[str, str] | None = None, *,
             raise BadChange(f"at: {exc}") from None
         if at is None:
             raise BadChange("at is missing")
-    column = (keys or {}).get(table, "id")
     record = payload.get("record")
+    kind = ChangeType(kind)
     if kind is ChangeType.DELETE:
         old = payload.get("old_record") or record
-        return Change(kind, table, key_of(old, column), None, at)
+        return Change(kind, table, key_of(old, column, table), None, at)
     if not isinstance(record, dict):
-        raise BadChange(f"{kind.value} needs a record object")
-    return Change(kind, table, key_of(record, column), record, at)
+        raise BadChange(f"{table}: {kind.value} needs a record object")
+    return Change(kind, table, key_of(record, column, table), record, at)
 
 
-def change_from_line(line: str, keys: Mapping[str, str] | None = None) -> Change:
+def change_from_line(line: str, key_columns: Mapping[str, str] | None = None) -> Change:
     try:
         payload = orjson.loads(line)
     except orjson.JSONDecodeError as exc:
         raise BadChange(f"not JSON ({exc})") from None
-    return change_from_payload(payload, keys, require_at=True)
+    return change_from_payload(payload, require_at=True, key_columns=key_columns)

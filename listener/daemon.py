@@ -438,7 +438,7 @@ class Term:
             self.bad_input("unknown_table", "a change of a table no rule reads: ignored",
                            change.table, change.key)
             return
-        if change.type is ChangeType.DELETE:
+        if change.type == ChangeType.DELETE:
             engine.delete(change.table, change.key)
             self._poke()
             return

@@ -63,7 +63,7 @@ class Replay:
         self.clock = VirtualClock()
         queries = table_queries(ruleset, max_notify_lateness)
         self.keys = {name: q.key for name, q in queries.items()}
-        self.store = MemoryStore(queries)
+        self.store = MemoryStore(queries, clock=self.clock)
         self.engine = Engine(ruleset, max_notify_lateness)
         self.results: list[ActionResult] = []
 
@@ -90,7 +90,7 @@ class Replay:
         # A change stamped at t goes before the timers due at t.
         await self.fire_until(at - 1)
         self.clock.advance_to(at)
-        if change.type is ChangeType.DELETE:
+        if change.type == ChangeType.DELETE:
             self.store.remove(change.table, change.key)
             self.engine.delete(change.table, change.key)
             return Applied(change.table, change.key, [])

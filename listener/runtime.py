@@ -71,17 +71,23 @@ def database_conninfo(settings: Settings, queries: dict[str, TableQuery]) -> str
     return conninfo
 
 
-async def open_backend(settings: Settings, queries: dict[str, TableQuery]) -> Backend:
+def recipients_of(ruleset: RuleSet) -> dict[str, Any]:
+    """Table -> role -> Recipient: what the stores resolve contacts with."""
+    return {name: table.recipients for name, table in ruleset.tables.items()}
+
+
+async def open_backend(settings: Settings, queries: dict[str, TableQuery],
+                       recipients: dict[str, Any] | None = None) -> Backend:
     """The store and the change source of the configured backend, opened."""
     if settings.backend == "supabase":
         from listener.adapters.supabase import open_supabase_backend
 
-        return await open_supabase_backend(settings, queries)
+        return await open_supabase_backend(settings, queries, recipients)
     from listener.adapters.source_notify import NotifySource
     from listener.adapters.store_sql import SqlStore
 
     conninfo = await asyncio.to_thread(database_conninfo, settings, queries)
-    store = SqlStore(conninfo, queries)
+    store = SqlStore(conninfo, queries, recipients=recipients)
     try:
         await store.open()
     except Exception as exc:  # noqa: BLE001
@@ -104,7 +110,7 @@ async def activation_of(backend: Backend, ruleset: RuleSet) -> Activation:
 async def describe_activity(settings: Settings, ruleset: RuleSet) -> dict[str, str]:
     """`listener rules`: "yes", or "no: why" per rule, in the configured database."""
     queries = table_queries(ruleset, settings.max_notify_lateness)
-    backend = await open_backend(settings, queries)
+    backend = await open_backend(settings, queries, recipients_of(ruleset))
     try:
         found = await activation_of(backend, ruleset)
     finally:
@@ -206,7 +212,7 @@ async def assemble(settings: Settings, ruleset: RuleSet, *, clock: Clock | None 
 
     queries = table_queries(ruleset, settings.max_notify_lateness)
     own_backend = backend is None
-    backend = backend or await open_backend(settings, queries)
+    backend = backend or await open_backend(settings, queries, recipients_of(ruleset))
     try:
         found = await activation_of(backend, ruleset)
         for rule, why in found.inactive.items():
@@ -297,7 +303,7 @@ async def upcoming_actions(settings: Settings, ruleset: RuleSet,
 
     now = WallClock().now()
     queries = table_queries(ruleset, settings.max_notify_lateness)
-    backend = await open_backend(settings, queries)
+    backend = await open_backend(settings, queries, recipients_of(ruleset))
     try:
         found = await activation_of(backend, ruleset)
         active = table_queries(found.ruleset, settings.max_notify_lateness, found.available)

@@ -31,7 +31,7 @@ class TableQuery:
     def as_json(self) -> dict[str, Any]:
         return {"table": self.table, "key": self.key, "status": self.status,
                 "columns": list(self.columns), "conditions": list(self.conditions),
-                "parent": self.parent}
+                "parent": self.parent, "stamps_status": self.stamps_status}
 
 
 def anchor_json(table: Table, anchor: str, maps: dict[str, dict[str, float]]) -> dict[str, Any]:
