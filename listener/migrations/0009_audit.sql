@@ -1,0 +1,415 @@
+-- `listener audit`: read-only questions about a live database. Which rows owe
+-- a rule an action that never happened, which deadline-like columns no rule
+-- reads, which pg_cron jobs exist, how healthy the ledger is, which values in
+-- the data no rule knows. Every function only reads (STABLE, so PostgREST runs
+-- it in a read-only transaction); table and column names come from JSON and
+-- reach SQL only through format('%I') and values through format('%L').
+
+-- A column of table alias `p_alias` as an instant: timestamptz as it is,
+-- timestamp without time zone and date read as UTC; null for any other type.
+create or replace function public.listener_audit_instant_sql(p_alias text, p_column text,
+                                                             p_type text)
+returns text
+language sql
+immutable
+set search_path = pg_catalog, pg_temp
+as $$
+    select case p_type
+        when 'timestamp with time zone' then format('%I.%I', p_alias, p_column)
+        when 'timestamp without time zone' then format('(%I.%I at time zone ''UTC'')', p_alias, p_column)
+        when 'date' then format('(%I.%I::timestamp at time zone ''UTC'')', p_alias, p_column)
+    end
+$$;
+
+-- Columns of public.<p_table> as {name: type}; null when the table is missing.
+create or replace function public.listener_audit_columns(p_table text)
+returns jsonb
+language sql
+stable
+set search_path = pg_catalog, pg_temp
+as $$
+    select coalesce(jsonb_object_agg(a.attname, format_type(a.atttypid, a.atttypmod)), '{}')
+      from pg_attribute a
+     where a.attrelid = to_regclass(format('public.%I', p_table))
+       and a.attnum > 0 and not a.attisdropped
+    having to_regclass(format('public.%I', p_table)) is not null
+$$;
+
+-- Per condition of a TableQuery: rows it applies to now (owing), rows whose
+-- due instant is older than now() - p_grace with no ledger row for exactly
+-- (rule, table, key, due) (overdue), the oldest such due instant and up to
+-- p_sample of their keys, oldest first. A condition whose table or columns are
+-- missing gets `missing` and no counts. The due instant is the sweep's:
+-- greatest(anchor instants) + offset, a derived anchor being start +
+-- map[column] * unit + coalesce(sum of child rows, 0) * unit; rows whose
+-- anchors all lie before now() - horizon are not tracked, as in the sweep.
+create or replace function public.listener_audit_overdue_v1(p_query jsonb, p_grace interval,
+                                                            p_sample integer default 5)
+returns table (rule text, missing text[], owing bigint, overdue bigint,
+               oldest_overdue timestamptz, sample_keys text[])
+language plpgsql
+stable
+security definer
+set search_path = pg_catalog, pg_temp
+set statement_timeout = '60s'
+as $$
+declare
+    v_table text := p_query->>'table';
+    v_key text := coalesce(p_query->>'key', 'id');
+    v_status text := p_query->>'status';
+    v_types jsonb := public.listener_audit_columns(p_query->>'table');
+    v_child_types jsonb;
+    v_condition jsonb;
+    v_anchor jsonb;
+    v_term jsonb;
+    v_column text;
+    v_missing text[];
+    v_instants text[];
+    v_expr text;
+    v_holds text[];
+    v_greatest text;
+    v_values text[] := '{}';
+    v_all_statuses text[] := '{}';
+    v_any_status boolean := false;
+    v_missing_of jsonb := '{}';
+    v_sql text;
+begin
+    if p_query->'conditions' is null or jsonb_array_length(p_query->'conditions') = 0 then
+        return;
+    end if;
+    for v_condition in select * from jsonb_array_elements(p_query->'conditions') loop
+        v_missing := '{}';
+        v_instants := '{}';
+        v_holds := '{}';
+        if v_types is null then
+            v_missing := array[v_table];
+        else
+            -- The columns every condition reads, then its own.
+            for v_column in
+                select c from unnest(array[v_key, v_status]) c where c is not null
+                union all select jsonb_array_elements_text(v_condition->'present')
+                union all select jsonb_array_elements_text(v_condition->'absent')
+            loop
+                if not v_types ? v_column then
+                    v_missing := v_missing || v_column;
+                end if;
+            end loop;
+            for v_anchor in select * from jsonb_array_elements(v_condition->'anchors') loop
+                if v_anchor ? 'column' then
+                    v_expr := public.listener_audit_instant_sql(
+                        't', v_anchor->>'column', v_types->>(v_anchor->>'column'));
+                    if v_expr is null then
+                        v_missing := v_missing || (v_anchor->>'column');
+                        continue;
+                    end if;
+                else
+                    v_expr := public.listener_audit_instant_sql(
+                        't', v_anchor->'derived'->>'start',
+                        v_types->>(v_anchor->'derived'->>'start'));
+                    if v_expr is null then
+                        v_missing := v_missing || (v_anchor->'derived'->>'start');
+                        continue;
+                    end if;
+                    for v_term in select * from jsonb_array_elements(v_anchor->'derived'->'lookups') loop
+                        if not v_types ? (v_term->>'column') then
+                            v_missing := v_missing || (v_term->>'column');
+                        end if;
+                        -- A value the map lacks (or a null) makes the instant null.
+                        v_expr := v_expr || format(
+                            ' + ((%L::jsonb ->> (t.%I)::text)::float8 * %s) * interval ''1 microsecond''',
+                            v_term->'map', v_term->>'column', (v_term->>'unit_us')::bigint);
+                    end loop;
+                    for v_term in select * from jsonb_array_elements(v_anchor->'derived'->'sums') loop
+                        v_child_types := public.listener_audit_columns(v_term->>'table');
+                        if v_child_types is null then
+                            v_missing := v_missing || (v_term->>'table');
+                            continue;
+                        end if;
+                        if not v_child_types ? (v_term->>'by') then
+                            v_missing := v_missing || ((v_term->>'table') || '.' || (v_term->>'by'));
+                        end if;
+                        if not v_child_types ? (v_term->>'column') then
+                            v_missing := v_missing || ((v_term->>'table') || '.' || (v_term->>'column'));
+                        end if;
+                        v_expr := v_expr || format(
+                            ' + (coalesce((select sum(c.%I) from public.%I c where %s), 0)::float8 * %s)'
+                            ' * interval ''1 microsecond''',
+                            v_term->>'column', v_term->>'table',
+                            -- Compare as the columns are (an index on the child's
+                            -- column applies), as text when their types differ.
+                            case when v_child_types->>(v_term->>'by') = v_types->>v_key
+                                 then format('c.%I = t.%I', v_term->>'by', v_key)
+                                 else format('c.%I::text = t.%I::text', v_term->>'by', v_key) end,
+                            (v_term->>'unit_us')::bigint);
+                    end loop;
+                end if;
+                v_instants := v_instants || ('(' || v_expr || ')');
+            end loop;
+            if coalesce(array_length(v_instants, 1), 0) = 0 and v_missing = '{}' then
+                v_missing := array['(no anchor)'];
+            end if;
+        end if;
+        if v_missing <> '{}' then
+            v_missing_of := v_missing_of || jsonb_build_object(v_condition->>'rule', to_jsonb(v_missing));
+            continue;
+        end if;
+
+        v_greatest := format('greatest(%s)', array_to_string(v_instants, ', '));
+        if jsonb_array_length(v_condition->'statuses') > 0 then
+            v_holds := v_holds || format('t.%I::text = any(%L::text[])', v_status,
+                (select array_agg(s) from jsonb_array_elements_text(v_condition->'statuses') s));
+            v_all_statuses := v_all_statuses
+                || (select array_agg(s) from jsonb_array_elements_text(v_condition->'statuses') s);
+        else
+            v_any_status := true;
+        end if;
+        for v_column in select jsonb_array_elements_text(v_condition->'present') loop
+            v_holds := v_holds || format('t.%I is not null', v_column);
+        end loop;
+        for v_column in select jsonb_array_elements_text(v_condition->'absent') loop
+            v_holds := v_holds || format('t.%I is null', v_column);
+        end loop;
+        if v_condition->'horizon_us' is not null and jsonb_typeof(v_condition->'horizon_us') = 'number' then
+            v_holds := v_holds || format('%s >= now() - %s * interval ''1 microsecond''',
+                                         v_greatest, (v_condition->>'horizon_us')::bigint);
+        end if;
+        v_values := v_values || format(
+            '(%L, case when %s then %s + %s * interval ''1 microsecond'' end)',
+            v_condition->>'rule',
+            coalesce(nullif(array_to_string(v_holds, ' and '), ''), 'true'),
+            v_greatest, (v_condition->>'offset_us')::bigint);
+    end loop;
+
+    if array_length(v_values, 1) > 0 then
+        v_sql := format($q$
+            select v.rule, t.%1$I::text as k, v.due,
+                   case when v.due < now() - $1
+                        then not exists (select 1 from public.listener_ledger l
+                                          where l.rule = v.rule and l.table_name = %2$L
+                                            and l.row_key = t.%1$I::text and l.due_at = v.due)
+                        else false end as late
+              from public.%2$I t
+             cross join lateral (values %3$s) as v(rule, due)
+             where v.due is not null %4$s$q$,
+            v_key, v_table, array_to_string(v_values, ', '),
+            -- Every condition names its statuses: only those rows (an index
+            -- on the status column applies).
+            case when v_any_status then ''
+                 else format('and t.%I::text = any(%L::text[])', v_status, v_all_statuses) end);
+        v_sql := format($q$
+            select c.rule, count(*), count(*) filter (where c.late),
+                   min(c.due) filter (where c.late),
+                   (array_agg(c.k order by c.due, c.k) filter (where c.late))[1:$2]
+              from (%s) c group by c.rule$q$, v_sql);
+    else
+        v_sql := 'select null::text, 0::bigint, 0::bigint, null::timestamptz, null::text[] where false';
+    end if;
+
+    return query execute format($q$
+        select cond.rule, (select array_agg(m) from jsonb_array_elements_text(%L::jsonb -> cond.rule) m),
+               case when %L::jsonb ? cond.rule then null else coalesce(a.owing, 0) end,
+               case when %L::jsonb ? cond.rule then null else coalesce(a.overdue, 0) end,
+               a.oldest, coalesce(a.sample, '{}')
+          from (select e->>'rule' as rule, ord
+                  from jsonb_array_elements(%L::jsonb) with ordinality as x(e, ord)) cond
+          left join (%s) a(rule, owing, overdue, oldest, sample) on a.rule = cond.rule
+         order by cond.ord$q$,
+        v_missing_of, v_missing_of, v_missing_of, p_query->'conditions', v_sql)
+        using p_grace, p_sample;
+end
+$$;
+
+-- Deadline-like columns of public tables (timestamp types whose names say
+-- expiry, deadline, until, due, scheduled, ...) that no rule reads: p_read is
+-- {table: [columns rules read]}. With p_count, how many rows are already past
+-- each, counted up to p_cap (an index on the column makes that cheap; without
+-- one the scan stops at the cap). p_table limits it to one table, so a caller
+-- can bound each table by its own statement timeout.
+create or replace function public.listener_audit_deadline_columns_v1(
+    p_read jsonb, p_table text default null, p_count boolean default true,
+    p_cap integer default 10000)
+returns table (table_name text, column_name text, data_type text, indexed boolean,
+               past bigint, past_capped boolean)
+language plpgsql
+stable
+security definer
+set search_path = pg_catalog, pg_temp
+set statement_timeout = '60s'
+as $$
+declare
+    v record;
+    v_now text;
+    v_past bigint;
+begin
+    for v in
+        select c.relname::text as t, a.attname::text as col,
+               format_type(a.atttypid, a.atttypmod) as typ,
+               exists (select 1 from pg_index i
+                        where i.indrelid = c.oid and i.indkey[0] = a.attnum
+                          and i.indpred is null) as has_index
+          from pg_class c
+          join pg_namespace n on n.oid = c.relnamespace
+          join pg_attribute a on a.attrelid = c.oid
+         where n.nspname = 'public' and c.relkind in ('r', 'p') and not c.relispartition
+           and a.attnum > 0 and not a.attisdropped
+           and a.atttypid in ('timestamptz'::regtype, 'timestamp'::regtype)
+           and c.relname !~ '^listener_'
+           and a.attname ~ '(expires_at|expire_at|expires$|deadline|_until$|(^|_)due(_|$)|^scheduled_|expiry|expiration|_ends_at$|^ends_at$)'
+           and not coalesce(p_read -> c.relname::text ? a.attname::text, false)
+           and (p_table is null or c.relname = p_table)
+         order by c.relname, a.attnum
+    loop
+        v_past := null;
+        if p_count then
+            v_now := case when v.typ = 'timestamp without time zone'
+                          then '(now() at time zone ''UTC'')' else 'now()' end;
+            execute format('select count(*) from (select 1 from public.%I where %I < %s limit %s) x',
+                           v.t, v.col, v_now, p_cap)
+               into v_past;
+        end if;
+        table_name := v.t;
+        column_name := v.col;
+        data_type := v.typ;
+        indexed := v.has_index;
+        past := v_past;
+        past_capped := v_past is not null and v_past >= p_cap;
+        return next;
+    end loop;
+end
+$$;
+
+-- The jobs of pg_cron (cron.job) when the extension is installed here and this
+-- function's owner may read them: {"installed", "readable", "error", "jobs":
+-- [{jobid, jobname, schedule, command, active, username}]}. Missing rights are
+-- a flag in the answer, never an error.
+create or replace function public.listener_audit_cron_v1()
+returns jsonb
+language plpgsql
+stable
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_jobs jsonb;
+begin
+    if not exists (select 1 from pg_extension where extname = 'pg_cron') then
+        return jsonb_build_object('installed', false, 'readable', false, 'error', null,
+                                  'jobs', '[]'::jsonb);
+    end if;
+    begin
+        execute $q$
+            select coalesce(jsonb_agg(jsonb_build_object(
+                       'jobid', jobid, 'jobname', jobname, 'schedule', schedule,
+                       'command', command, 'active', active, 'username', username)
+                       order by jobid), '[]'::jsonb)
+              from cron.job$q$ into v_jobs;
+    exception when insufficient_privilege or undefined_table or invalid_schema_name then
+        return jsonb_build_object('installed', true, 'readable', false, 'error', sqlerrm,
+                                  'jobs', '[]'::jsonb);
+    end;
+    return jsonb_build_object('installed', true, 'readable', true, 'error', null, 'jobs', v_jobs);
+end
+$$;
+
+-- Ledger health: claims unfinished for longer than p_stuck_after (up to
+-- p_sample of them, oldest first, and their count), failures in the last
+-- p_window by rule, lateness percentiles over that window, the lease.
+create or replace function public.listener_audit_ledger_v1(
+    p_stuck_after interval default '5 minutes', p_window interval default '24 hours',
+    p_sample integer default 10)
+returns jsonb
+language plpgsql
+stable
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+    return jsonb_build_object(
+        'stuck_count', (select count(*) from public.listener_ledger
+                         where state = 'claimed' and claimed_at < now() - p_stuck_after),
+        'stuck', (select coalesce(jsonb_agg(s order by s.claimed_at), '[]'::jsonb) from (
+                    select l.rule, l.table_name, l.row_key, l.due_at, l.claimed_at, l.holder,
+                           l.attempts
+                      from public.listener_ledger l
+                     where l.state = 'claimed' and l.claimed_at < now() - p_stuck_after
+                     order by l.claimed_at limit p_sample) s),
+        'failures', (select coalesce(jsonb_agg(f order by f.failed desc, f.rule), '[]'::jsonb) from (
+                    select l.rule, l.table_name, count(*) as failed,
+                           max(coalesce(l.completed_at, l.fired_at, l.claimed_at)) as last_at,
+                           (array_agg(l.detail->>'why' order by coalesce(l.completed_at,
+                                l.fired_at, l.claimed_at) desc))[1] as last_why,
+                           (array_agg(l.row_key order by coalesce(l.completed_at,
+                                l.fired_at, l.claimed_at) desc))[1:5] as sample_keys
+                      from public.listener_ledger l
+                     where l.state = 'failed'
+                       and coalesce(l.completed_at, l.fired_at, l.claimed_at) >= now() - p_window
+                     group by l.rule, l.table_name) f),
+        'lateness_ms', (select jsonb_build_object(
+                    'count', count(*),
+                    'p50', percentile_cont(0.5) within group (order by l.lateness_ms),
+                    'p99', percentile_cont(0.99) within group (order by l.lateness_ms),
+                    'max', max(l.lateness_ms))
+                      from public.listener_ledger l
+                     where l.fired_at >= now() - p_window and l.lateness_ms is not null),
+        'lease', (select to_jsonb(x) from (
+                    select holder, fencing_token, expires_at, renewed_at,
+                           holder is not null and expires_at > now() as held
+                      from public.listener_lease where name = 'listener') x));
+end
+$$;
+
+-- Values of public.<p_table>.<p_column> outside p_known, with how many rows
+-- hold each (most first, at most p_limit), among rows whose p_status_column
+-- is in p_statuses when both are given. A missing table or column: no rows.
+create or replace function public.listener_audit_values_v1(
+    p_table text, p_column text, p_known text[], p_status_column text default null,
+    p_statuses text[] default null, p_limit integer default 20)
+returns table (value text, rows bigint)
+language plpgsql
+stable
+security definer
+set search_path = pg_catalog, pg_temp
+set statement_timeout = '60s'
+as $$
+declare
+    v_types jsonb := public.listener_audit_columns(p_table);
+begin
+    if v_types is null or not v_types ? p_column
+       or (p_status_column is not null and not v_types ? p_status_column) then
+        return;
+    end if;
+    return query execute format(
+        'select t.%1$I::text, count(*) from public.%2$I t
+          where t.%1$I is not null and not (t.%1$I::text = any($1)) %3$s
+          group by 1 order by 2 desc, 1 limit $3',
+        p_column, p_table,
+        case when p_status_column is not null and p_statuses is not null
+             then format('and t.%I::text = any($2)', p_status_column) else '' end)
+        using coalesce(p_known, '{}'), p_statuses, p_limit;
+end
+$$;
+
+-- Only the owner and service_role may call these: revoke what PostgreSQL
+-- (PUBLIC) and Supabase's default privileges (anon, authenticated) grant.
+do $$
+declare
+    fn text;
+    api_role text;
+begin
+    for fn in
+        select p.oid::regprocedure::text
+          from pg_proc p join pg_namespace n on n.oid = p.pronamespace
+         where n.nspname = 'public' and p.proname like 'listener\_audit\_%'
+    loop
+        execute format('revoke all on function %s from public', fn);
+        foreach api_role in array array['anon', 'authenticated'] loop
+            if exists (select 1 from pg_roles where rolname = api_role) then
+                execute format('revoke all on function %s from %I', fn, api_role);
+            end if;
+        end loop;
+        if exists (select 1 from pg_roles where rolname = 'service_role') then
+            execute format('grant execute on function %s to service_role', fn);
+        end if;
+    end loop;
+end
+$$;
