@@ -19,11 +19,15 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def load_table():
+RULES_OPTION = typer.Option(None, "--rules", help="a rules file (TOML) to add to the packs; "
+                            "may be given several times, after RULES_FILE")
+
+
+def load_table(files: Optional[list[str]] = None):
     from listener.rules import RuleConfigError, load_rules
 
     try:
-        return load_rules()
+        return load_rules(files=files or ())
     except RuleConfigError as exc:
         fail(str(exc))
 
@@ -45,6 +49,7 @@ def load_settings():
 def replay(
     file: str = typer.Argument(..., help="JSON Lines of row changes, or - for stdin"),
     until: Optional[str] = typer.Option(None, help="fire timers due up to this instant only"),
+    rules: Optional[list[str]] = RULES_OPTION,
 ) -> None:
     """Deterministic dry run of a change log: prints each fired action as JSON."""
     from listener.logs import configure_logging
@@ -52,7 +57,7 @@ def replay(
 
     settings = load_settings()
     configure_logging("WARNING")  # the output is the JSON on stdout
-    table = load_table()
+    table = load_table(rules)
     until_at = None
     if until is not None:
         try:
@@ -74,19 +79,41 @@ def replay(
 
 
 @app.command("rules")
-def rules_command() -> None:
-    """Print the effective rules table (after RULE_* and RULES_TIME_SCALE)."""
-    table = load_table()
-    rows = [("#", "rule", "applies while", "due at", "actions", "when late")]
+def rules_command(rules: Optional[list[str]] = RULES_OPTION) -> None:
+    """Print the effective rules table (after rule files, RULE_* and RULES_TIME_SCALE)."""
+    from listener.rules.model import Lateness
+
+    table = load_table(rules)
+    activity = _rule_activity(table)
+    rows = [("#", "pack", "table", "rule", "applies while", "due at", "actions", "when late",
+             "active")]
     for number, rule in enumerate(table.all_rules, 1):
-        late = ("skip if > 1/4 of offset late" if rule.lateness == "skip_past_quarter"
+        late = ("skip if > 1/4 of offset late" if rule.lateness is Lateness.SKIP_PAST_QUARTER
                 else "no email if > MAX_NOTIFY_LATENESS late")
-        rows.append((str(number), rule.name + ("" if rule.enabled else " (off)"),
-                     rule.when.describe(), rule.describe_due() if rule.enabled else "off",
-                     rule.describe_actions(), late))
+        rows.append((str(number), rule.pack, rule.table, rule.name,
+                     rule.describe_when(), rule.describe_due(), rule.describe_actions(), late,
+                     activity.get(rule.name, "yes" if rule.enabled else "no: disabled")))
     typer.echo(format_table(rows))
     if table.time_scale != 1:
         typer.echo(f"\nRULES_TIME_SCALE={table.time_scale:g}: offsets above are already divided.")
+
+
+def _rule_activity(table) -> dict[str, str]:
+    """Whether each rule is active in the configured database, and why not; empty
+    when no database is configured (nothing to check against)."""
+    import os
+
+    if not (os.environ.get("DATABASE_URL") or os.environ.get("SUPABASE_URL")
+            or os.environ.get("NEXT_PUBLIC_SUPABASE_URL")):
+        return {}
+    from listener.runtime import ConfigError, describe_activity
+
+    settings = load_settings()
+    try:
+        return asyncio.run(describe_activity(settings, table))
+    except ConfigError as exc:
+        fail(str(exc))
+    return {}
 
 
 def _configured():
