@@ -300,8 +300,8 @@ class Auditor:
                 keys = list(row.get("sample_keys") or [])
                 self.findings.append(Finding(
                     Kind.OVERDUE, Severity.ACTION,
-                    f"{status.overdue} row(s) of {rule.table} owe {rule.name} since "
-                    f"{_when(row.get('oldest_overdue'))} (oldest) and nothing acted",
+                    f"{status.overdue} row(s) of {rule.table} are overdue for {rule.name} "
+                    f"(the oldest due {_when(row.get('oldest_overdue'))}) and nothing acted",
                     f"look at these rows first ({_keys_text(keys)}): the listener acts on "
                     "every one of them as soon as it runs (status changes and webhooks; "
                     "emails only within MAX_NOTIFY_LATENESS); if it is running, check its "
@@ -479,18 +479,21 @@ class Auditor:
 
 
 def format_report(report: AuditReport) -> str:
-    """A readable table: actions first, then what is only worth knowing."""
+    """A readable table, actions first, then what to do about each finding."""
     lines = []
     ordered = sorted(report.findings, key=lambda f: f.severity is not Severity.ACTION)
     if ordered:
-        rows = [("severity", "kind", "where", "count", "finding", "what to do")]
-        for f in ordered:
+        rows = [("#", "severity", "kind", "where", "count", "finding")]
+        for number, f in enumerate(ordered, 1):
             where = f.job or ".".join(p for p in (f.table, f.column) if p) or ""
             if f.rule and not f.job:
                 where = f"{f.rule} @ {where}" if where else f.rule
-            rows.append((f.severity.value, f.kind.value, where,
-                         "" if f.count is None else str(f.count), f.message, f.advice))
+            rows.append((str(number), f.severity.value, f.kind.value, where,
+                         "" if f.count is None else str(f.count), f.message))
         lines.append(format_table(rows))
+        lines.append("")
+        lines.append("What to do:")
+        lines += [f"{number:>3}. {f.advice}" for number, f in enumerate(ordered, 1)]
     else:
         lines.append("No findings.")
     ledger = report.ledger or {}

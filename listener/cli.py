@@ -253,6 +253,7 @@ def audit(
     app_repo: Optional[str] = typer.Option(
         None, "--app-repo", help="the app's repository: also check its vercel.json and "
                                  "render.yaml crons"),
+    rules: Optional[list[str]] = RULES_OPTION,
 ) -> None:
     """Which time-based jobs are missing on the configured database, and which would
     run twice. Exit 0: nothing to do; 1: some finding asks for action; 2: could not run."""
@@ -265,13 +266,9 @@ def audit(
         AuditUnavailable, RpcAuditSource, SqlAuditSource)
     from listener.audit import Auditor, format_report
     from listener.instants import parse_duration
-    from listener.rules.loader import RuleConfigError, load_ruleset
 
     settings = load_settings()
-    try:
-        ruleset = load_ruleset(os.environ)
-    except RuleConfigError as exc:
-        fail(str(exc))
+    ruleset = load_table(rules)
     try:
         timeout = parse_duration(os.environ.get("AUDIT_STATEMENT_TIMEOUT", "30s"))
     except ValueError as exc:
