@@ -127,6 +127,26 @@ def seed_problems(conninfo: str) -> dict[str, str]:
             " status_changed_at) values ('pending', %s, 'chat10', now() - interval '1 hour',"
             " now() - interval '1 hour', now() - interval '1 hour') returning id::text",
             (user,)).fetchone()[0]
+        # Three hours old, and the listener expired it on time (its ledger row
+        # says so): nothing overdue. The unassigned alert, email only, is too
+        # late to owe anything at all.
+        acted = conn.execute(
+            "insert into public.sessions (status, customer_user_id, created_at, updated_at,"
+            " status_changed_at) values ('pending', %s, now() - interval '3 hours',"
+            " now() - interval '3 hours', now() - interval '3 hours') returning id",
+            (user,)).fetchone()[0]
+        conn.execute(
+            "insert into public.listener_ledger (rule, table_name, row_key, session_id, due_at,"
+            " state, holder, fencing_token, claimed_at) select 'request_expiry', 'sessions',"
+            " id::text, id, status_changed_at + interval '15 minutes', 'failed', 'w', 1,"
+            " now() - interval '3 days' from public.sessions where id = %s", (acted,))
+        # Plan ends: 30 minutes of chat10 plus a paid extension of 15.
+        ended, running = (conn.execute(
+            "insert into public.sessions (status, customer_user_id, plan, started_at) values "
+            "('live', %s, 'chat10', now() - %s::interval) returning id::text",
+            (user, ago)).fetchone()[0] for ago in ("50 minutes", "40 minutes"))
+        conn.execute("insert into public.session_extensions (session_id, minutes) "
+                     "values (%s, 15), (%s, 15)", (ended, running))
         hold = conn.execute(
             "insert into public.audit_holds (status, expires_at, created_at) values "
             "('reserved', now() - interval '30 minutes', now() - interval '45 minutes') "
@@ -149,7 +169,7 @@ def seed_problems(conninfo: str) -> dict[str, str]:
                                         ("auto-expire-sessions", "* * * * *", EXPIRE_JOB)):
             jobs[name] = conn.execute("select cron.schedule(%s, %s, %s)",
                                       (name, schedule, command)).fetchone()[0]
-    return {"session": session, "hold": hold, "live": live,
+    return {"session": session, "hold": hold, "live": live, "ended": ended,
             **{f"job_{k}": str(v) for k, v in jobs.items()}}
 
 
@@ -169,10 +189,10 @@ def test_audit_names_every_missing_and_doubled_job(cron_db: str, rules_file: Pat
     assert overdue["request_expiry"]["table"] == "sessions"
     assert overdue["request_expiry"]["count"] == 1
     assert overdue["request_expiry"]["keys"] == [seeded["session"]]
+    assert overdue["support_unassigned_alert"]["keys"] == [seeded["session"]]
+    assert overdue["plan_time_expiry"]["keys"] == [seeded["ended"]]
     assert overdue["reservation_expiry"]["table"] == "audit_holds"
     assert overdue["reservation_expiry"]["keys"] == [seeded["hold"]]
-    # The live session's plan ends in 28 minutes: nothing owed yet.
-    assert "plan_time_expiry" not in overdue
 
     uncovered = [f for f in by_kind(findings, "uncovered_deadline") if f["severity"] == "action"]
     assert [(f["table"], f["column"], f["count"]) for f in uncovered] == \
