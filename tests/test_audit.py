@@ -56,17 +56,9 @@ MONITOR_JOB = ("select net.http_post(url := 'https://app.example.com/api/cron/mo
 EXPIRE_JOB = "select auto_expire_sessions()"
 
 
-def ensure_ledger_v2(conn: psycopg.Connection) -> None:
-    """Until the ledger's version 2 migration is merged: its key columns."""
-    conn.execute("alter table public.listener_ledger "
-                 "add column if not exists table_name text not null default 'sessions', "
-                 "add column if not exists row_key text")
-
-
 def prepare(conninfo: str) -> None:
     with psycopg.connect(conninfo, autocommit=True) as conn:
         conn.execute(STAND_INS)
-        ensure_ledger_v2(conn)
 
 
 @pytest.fixture

@@ -5,44 +5,14 @@
 -- it in a read-only transaction); table and column names come from JSON and
 -- reach SQL only through format('%I') and values through format('%L').
 
--- A column of table alias `p_alias` as an instant: timestamptz as it is,
--- timestamp without time zone and date read as UTC; null for any other type.
-create or replace function public.listener_audit_instant_sql(p_alias text, p_column text,
-                                                             p_type text)
-returns text
-language sql
-immutable
-set search_path = pg_catalog, pg_temp
-as $$
-    select case p_type
-        when 'timestamp with time zone' then format('%I.%I', p_alias, p_column)
-        when 'timestamp without time zone' then format('(%I.%I at time zone ''UTC'')', p_alias, p_column)
-        when 'date' then format('(%I.%I::timestamp at time zone ''UTC'')', p_alias, p_column)
-    end
-$$;
-
--- Columns of public.<p_table> as {name: type}; null when the table is missing.
-create or replace function public.listener_audit_columns(p_table text)
-returns jsonb
-language sql
-stable
-set search_path = pg_catalog, pg_temp
-as $$
-    select coalesce(jsonb_object_agg(a.attname, format_type(a.atttypid, a.atttypmod)), '{}')
-      from pg_attribute a
-     where a.attrelid = to_regclass(format('public.%I', p_table))
-       and a.attnum > 0 and not a.attisdropped
-    having to_regclass(format('public.%I', p_table)) is not null
-$$;
-
 -- Per condition of a TableQuery: rows it applies to now (owing), rows whose
 -- due instant is older than now() - p_grace with no ledger row for exactly
 -- (rule, table, key, due) (overdue), the oldest such due instant and up to
 -- p_sample of their keys, oldest first. A condition whose table or columns are
--- missing gets `missing` and no counts. The due instant is the sweep's:
--- greatest(anchor instants) + offset, a derived anchor being start +
--- map[column] * unit + coalesce(sum of child rows, 0) * unit; rows whose
--- anchors all lie before now() - horizon are not tracked, as in the sweep.
+-- missing gets `missing` and no counts. Whether a condition holds and what its
+-- anchors are come from the sweep's own SQL (listener_condition_sql_v2,
+-- listener_anchor_sql_v2), so the audit counts exactly the rows the listener
+-- tracks; the due instant is greatest(anchor instants) + offset.
 create or replace function public.listener_audit_overdue_v1(p_query jsonb, p_grace interval,
                                                             p_sample integer default 5)
 returns table (rule text, missing text[], owing bigint, overdue bigint,
@@ -50,15 +20,15 @@ returns table (rule text, missing text[], owing bigint, overdue bigint,
 language plpgsql
 stable
 security definer
-set search_path = pg_catalog, pg_temp
+set search_path = public, pg_temp
+set timezone = 'UTC'
 set statement_timeout = '60s'
 as $$
 declare
     v_table text := p_query->>'table';
     v_key text := coalesce(p_query->>'key', 'id');
     v_status text := p_query->>'status';
-    v_types jsonb := public.listener_audit_columns(p_query->>'table');
-    v_child_types jsonb;
+    v_columns jsonb := public.listener_table_columns_v2(p_query->>'table');
     v_condition jsonb;
     v_anchor jsonb;
     v_term jsonb;
@@ -66,121 +36,70 @@ declare
     v_missing text[];
     v_instants text[];
     v_expr text;
-    v_holds text[];
-    v_greatest text;
     v_values text[] := '{}';
     v_all_statuses text[] := '{}';
     v_any_status boolean := false;
     v_missing_of jsonb := '{}';
     v_sql text;
 begin
-    if p_query->'conditions' is null or jsonb_array_length(p_query->'conditions') = 0 then
+    if jsonb_array_length(coalesce(p_query->'conditions', '[]')) = 0 then
         return;
     end if;
     for v_condition in select * from jsonb_array_elements(p_query->'conditions') loop
         v_missing := '{}';
         v_instants := '{}';
-        v_holds := '{}';
-        if v_types is null then
+        if v_columns is null then
             v_missing := array[v_table];
         else
-            -- The columns every condition reads, then its own.
+            -- What the condition reads and the table lacks: the reason it is inactive.
             for v_column in
                 select c from unnest(array[v_key, v_status]) c where c is not null
                 union all select jsonb_array_elements_text(v_condition->'present')
                 union all select jsonb_array_elements_text(v_condition->'absent')
+                union all select coalesce(a->>'column', a->'derived'->>'start')
+                            from jsonb_array_elements(v_condition->'anchors') a
+                union all select l->>'column'
+                            from jsonb_array_elements(v_condition->'anchors') a,
+                                 jsonb_array_elements(coalesce(a->'derived'->'lookups', '[]')) l
             loop
-                if not v_types ? v_column then
+                if not v_columns ? v_column then
                     v_missing := v_missing || v_column;
                 end if;
             end loop;
             for v_anchor in select * from jsonb_array_elements(v_condition->'anchors') loop
-                if v_anchor ? 'column' then
-                    v_expr := public.listener_audit_instant_sql(
-                        't', v_anchor->>'column', v_types->>(v_anchor->>'column'));
-                    if v_expr is null then
-                        v_missing := v_missing || (v_anchor->>'column');
-                        continue;
-                    end if;
+                v_expr := public.listener_anchor_sql_v2(v_columns, v_table, v_key, v_anchor, 't');
+                if v_expr is null then
+                    -- Present but not a time: the sweep cannot use it either.
+                    v_missing := v_missing || (coalesce(v_anchor->>'column',
+                        v_anchor->'derived'->>'start') || ' (not a timestamp)');
                 else
-                    v_expr := public.listener_audit_instant_sql(
-                        't', v_anchor->'derived'->>'start',
-                        v_types->>(v_anchor->'derived'->>'start'));
-                    if v_expr is null then
-                        v_missing := v_missing || (v_anchor->'derived'->>'start');
-                        continue;
-                    end if;
-                    for v_term in select * from jsonb_array_elements(v_anchor->'derived'->'lookups') loop
-                        if not v_types ? (v_term->>'column') then
-                            v_missing := v_missing || (v_term->>'column');
-                        end if;
-                        -- A value the map lacks (or a null) makes the instant null.
-                        v_expr := v_expr || format(
-                            ' + ((%L::jsonb ->> (t.%I)::text)::float8 * %s) * interval ''1 microsecond''',
-                            v_term->'map', v_term->>'column', (v_term->>'unit_us')::bigint);
-                    end loop;
-                    for v_term in select * from jsonb_array_elements(v_anchor->'derived'->'sums') loop
-                        v_child_types := public.listener_audit_columns(v_term->>'table');
-                        if v_child_types is null then
-                            v_missing := v_missing || (v_term->>'table');
-                            continue;
-                        end if;
-                        if not v_child_types ? (v_term->>'by') then
-                            v_missing := v_missing || ((v_term->>'table') || '.' || (v_term->>'by'));
-                        end if;
-                        if not v_child_types ? (v_term->>'column') then
-                            v_missing := v_missing || ((v_term->>'table') || '.' || (v_term->>'column'));
-                        end if;
-                        v_expr := v_expr || format(
-                            ' + (coalesce((select sum(c.%I) from public.%I c where %s), 0)::float8 * %s)'
-                            ' * interval ''1 microsecond''',
-                            v_term->>'column', v_term->>'table',
-                            -- Compare as the columns are (an index on the child's
-                            -- column applies), as text when their types differ.
-                            case when v_child_types->>(v_term->>'by') = v_types->>v_key
-                                 then format('c.%I = t.%I', v_term->>'by', v_key)
-                                 else format('c.%I::text = t.%I::text', v_term->>'by', v_key) end,
-                            (v_term->>'unit_us')::bigint);
-                    end loop;
+                    v_instants := v_instants || v_expr;
                 end if;
-                v_instants := v_instants || ('(' || v_expr || ')');
             end loop;
-            if coalesce(array_length(v_instants, 1), 0) = 0 and v_missing = '{}' then
+            if cardinality(v_instants) = 0 and cardinality(v_missing) = 0 then
                 v_missing := array['(no anchor)'];
             end if;
         end if;
-        if v_missing <> '{}' then
-            v_missing_of := v_missing_of || jsonb_build_object(v_condition->>'rule', to_jsonb(v_missing));
+        if cardinality(v_missing) > 0 then
+            v_missing_of := v_missing_of || jsonb_build_object(v_condition->>'rule',
+                (select jsonb_agg(distinct m) from unnest(v_missing) m));
             continue;
         end if;
-
-        v_greatest := format('greatest(%s)', array_to_string(v_instants, ', '));
-        if jsonb_array_length(v_condition->'statuses') > 0 then
-            v_holds := v_holds || format('t.%I::text = any(%L::text[])', v_status,
-                (select array_agg(s) from jsonb_array_elements_text(v_condition->'statuses') s));
+        if jsonb_array_length(coalesce(v_condition->'statuses', '[]')) > 0 then
             v_all_statuses := v_all_statuses
                 || (select array_agg(s) from jsonb_array_elements_text(v_condition->'statuses') s);
         else
             v_any_status := true;
         end if;
-        for v_column in select jsonb_array_elements_text(v_condition->'present') loop
-            v_holds := v_holds || format('t.%I is not null', v_column);
-        end loop;
-        for v_column in select jsonb_array_elements_text(v_condition->'absent') loop
-            v_holds := v_holds || format('t.%I is null', v_column);
-        end loop;
-        if v_condition->'horizon_us' is not null and jsonb_typeof(v_condition->'horizon_us') = 'number' then
-            v_holds := v_holds || format('%s >= now() - %s * interval ''1 microsecond''',
-                                         v_greatest, (v_condition->>'horizon_us')::bigint);
-        end if;
         v_values := v_values || format(
-            '(%L, case when %s then %s + %s * interval ''1 microsecond'' end)',
+            '(%L, case when %s then greatest(%s) + %s * interval ''1 microsecond'' end)',
             v_condition->>'rule',
-            coalesce(nullif(array_to_string(v_holds, ' and '), ''), 'true'),
-            v_greatest, (v_condition->>'offset_us')::bigint);
+            public.listener_condition_sql_v2(
+                v_columns, jsonb_set(p_query, '{conditions}', jsonb_build_array(v_condition)), 't'),
+            array_to_string(v_instants, ', '), (v_condition->>'offset_us')::bigint);
     end loop;
 
-    if array_length(v_values, 1) > 0 then
+    if cardinality(v_values) > 0 then
         v_sql := format($q$
             select v.rule, t.%1$I::text as k, v.due,
                    case when v.due < now() - $1
@@ -206,15 +125,15 @@ begin
     end if;
 
     return query execute format($q$
-        select cond.rule, (select array_agg(m) from jsonb_array_elements_text(%L::jsonb -> cond.rule) m),
-               case when %L::jsonb ? cond.rule then null else coalesce(a.owing, 0) end,
-               case when %L::jsonb ? cond.rule then null else coalesce(a.overdue, 0) end,
+        select cond.rule, (select array_agg(m) from jsonb_array_elements_text(%1$L::jsonb -> cond.rule) m),
+               case when %1$L::jsonb ? cond.rule then null else coalesce(a.owing, 0) end,
+               case when %1$L::jsonb ? cond.rule then null else coalesce(a.overdue, 0) end,
                a.oldest, coalesce(a.sample, '{}')
           from (select e->>'rule' as rule, ord
-                  from jsonb_array_elements(%L::jsonb) with ordinality as x(e, ord)) cond
-          left join (%s) a(rule, owing, overdue, oldest, sample) on a.rule = cond.rule
+                  from jsonb_array_elements(%2$L::jsonb) with ordinality as x(e, ord)) cond
+          left join (%3$s) a(rule, owing, overdue, oldest, sample) on a.rule = cond.rule
          order by cond.ord$q$,
-        v_missing_of, v_missing_of, v_missing_of, p_query->'conditions', v_sql)
+        v_missing_of, p_query->'conditions', v_sql)
         using p_grace, p_sample;
 end
 $$;
@@ -372,7 +291,7 @@ set search_path = pg_catalog, pg_temp
 set statement_timeout = '60s'
 as $$
 declare
-    v_types jsonb := public.listener_audit_columns(p_table);
+    v_types jsonb := public.listener_table_columns_v2(p_table);
 begin
     if v_types is null or not v_types ? p_column
        or (p_status_column is not null and not v_types ? p_status_column) then
