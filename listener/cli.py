@@ -116,7 +116,7 @@ def _rule_activity(table) -> dict[str, str]:
     return {}
 
 
-def _configured():
+def _configured(rules: Optional[list[str]] = None):
     """Settings, logging and the rule table, or a one-line exit."""
     from listener.logs import configure_logging, register_secret
 
@@ -131,15 +131,15 @@ def _configured():
     for url in (settings.database_url, settings.mqtt_url):
         if url and "@" in url and ":" in url.split("@")[0].split("//")[-1]:
             register_secret(url.split("@")[0].split("//")[-1].split(":", 1)[1])
-    return settings, load_table()
+    return settings, load_table(rules)
 
 
 @app.command()
-def run() -> None:
-    """The daemon: follow session changes, fire every deadline once, on time."""
+def run(rules: Optional[list[str]] = RULES_OPTION) -> None:
+    """The daemon: follow row changes, fire every deadline once, on time."""
     from listener.runtime import ConfigError, serve
 
-    settings, table = _configured()
+    settings, table = _configured(rules)
     try:
         asyncio.run(serve(settings, table))
     except ConfigError as exc:
@@ -151,14 +151,20 @@ def migrate(
     print_sql: bool = typer.Option(False, "--print", help="write the SQL to stdout instead"),
     reference: bool = typer.Option(
         False, "--reference", help="also create the stand-in app schema (development only)"),
+    rules: Optional[list[str]] = RULES_OPTION,
 ) -> None:
-    """Apply migrations/ to DATABASE_URL (or the embedded database)."""
+    """Apply the migrations and the rules' per-table objects to DATABASE_URL (or the
+    embedded database)."""
     from listener import migrate as migrations
+    from listener.rules.query import table_queries
 
     if print_sql:
-        sys.stdout.write(migrations.script(include_reference=reference))
+        table = load_table(rules)
+        queries = table_queries(table, load_settings().max_notify_lateness)
+        sys.stdout.write(migrations.script(include_reference=reference, queries=queries))
         return
-    settings, _ = _configured()
+    settings, table = _configured(rules)
+    queries = table_queries(table, settings.max_notify_lateness)
     if settings.backend == "supabase" and not settings.database_url:
         fail("the Supabase backend has no SQL connection: run `listener migrate --print` and "
              "paste the output into the Supabase SQL editor, or set DATABASE_URL")
@@ -166,63 +172,50 @@ def migrate(
         import psycopg
 
         try:
-            applied = migrations.apply(settings.database_url, include_reference=reference)
+            applied = migrations.apply(settings.database_url, include_reference=reference,
+                                       queries=queries)
         except psycopg.Error as exc:
             fail(f"migration failed: {str(exc).strip().splitlines()[0]}")
         target = "DATABASE_URL"
     else:
         from listener.runtime import embedded_conninfo
 
-        embedded_conninfo(settings.listener_data_dir)
-        applied, target = ["(embedded database up to date)"], str(settings.listener_data_dir)
+        applied = migrations.apply(embedded_conninfo(settings.listener_data_dir),
+                                   include_reference=True, queries=queries)
+        target = str(settings.listener_data_dir)
     typer.echo(f"{target}: applied {', '.join(applied) if applied else 'nothing (up to date)'}")
 
 
 @app.command()
 def plan(as_json: bool = typer.Option(False, "--json", help="JSON Lines instead of a table"),
-         limit: int = typer.Option(50, help="show at most this many")) -> None:
+         limit: int = typer.Option(50, help="show at most this many"),
+         rules: Optional[list[str]] = RULES_OPTION) -> None:
     """The upcoming due actions in the configured database, soonest first."""
     import json
 
-    from listener.clock import WallClock
-    from listener.engine import Engine
     from listener.instants import format_duration, format_instant
-    from listener.runtime import ConfigError, open_backend
-    from listener.store import all_tracked
+    from listener.runtime import ConfigError, upcoming_actions
 
-    settings, table = _configured()
-
-    async def upcoming():
-        now = WallClock().now()
-        backend = await open_backend(settings, table, now)
-        try:
-            rows = await all_tracked(backend.store)
-        finally:
-            await backend.close()
-        engine = Engine(table, settings.max_notify_lateness)
-        for row in rows:
-            try:
-                engine.upsert(row, now)
-            except ValueError:
-                continue
-        return now, list(engine.upcoming())[:limit], {r["id"]: r.get("status") for r in rows}
-
+    settings, table = _configured(rules)
     try:
-        now, items, statuses = asyncio.run(upcoming())
+        now, items = asyncio.run(upcoming_actions(settings, table, limit))
     except ConfigError as exc:
         fail(str(exc))
     if as_json:
-        for due, rule, sid in items:
-            typer.echo(json.dumps({"due_at": format_instant(due), "rule": rule.name,
-                                   "session_id": sid, "status": statuses.get(sid),
-                                   "in_ms": (due - now) // 1000}))
+        for item in items:
+            line = {"due_at": format_instant(item.due), "rule": item.rule, "table": item.table,
+                    "row_id": item.key, "status": item.status, "in_ms": (item.due - now) // 1000}
+            if item.table == "sessions":
+                line["session_id"] = item.key
+            typer.echo(json.dumps(line))
         return
-    rows = [("due at", "in", "rule", "session", "status")]
-    for due, rule, sid in items:
-        delta = due - now
+    rows = [("due at", "in", "rule", "table", "row", "status")]
+    for item in items:
+        delta = item.due - now
         when = ("overdue " + format_duration(-delta // 1_000_000 * 1_000_000)
                 if delta < 0 else format_duration(delta // 1_000_000 * 1_000_000 or 1_000_000))
-        rows.append((format_instant(due), when, rule.name, sid, statuses.get(sid) or ""))
+        rows.append((format_instant(item.due), when, item.rule, item.table, item.key,
+                     item.status or ""))
     typer.echo(format_table(rows))
     if len(rows) == 1:
         typer.echo("(nothing due)")

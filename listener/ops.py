@@ -4,9 +4,10 @@ Off unless ``OPS_PORT`` is set; binds loopback (``OPS_HOST``, default
 127.0.0.1) unless told otherwise. Served by aiohttp on the daemon's own event
 loop, so a blocked loop shows up as a failing (or unanswered) /healthz.
 
-The daemon owns a :class:`Readiness` and updates it as it goes; the server
-only reads it, apart from ``last_loop_tick`` which its heartbeat task bumps
-every second.
+The daemon's parts publish facts into a :class:`Readiness` (the lease role,
+the source's subscription, each store call's outcome); readiness is computed
+from those facts. The server only reads it, apart from ``last_loop_tick``
+which its heartbeat task bumps every second.
 """
 from __future__ import annotations
 
@@ -41,14 +42,39 @@ class Readiness:
     ``time.monotonic()`` seconds.
     """
 
-    __slots__ = ("source_subscribed", "database_reachable", "_role", "last_loop_tick")
+    __slots__ = ("source_subscribed", "store_failures", "last_store_error", "store_answered",
+                 "_role", "last_loop_tick")
 
     def __init__(self, *, source_subscribed: bool = False, database_reachable: bool = False,
                  role: str = "starting", last_loop_tick: float | None = None) -> None:
         self.source_subscribed = source_subscribed
-        self.database_reachable = database_reachable
+        self.store_failures = 0  # consecutive "unavailable" answers since the last success
+        self.last_store_error: str | None = None
+        self.store_answered = database_reachable  # the store has answered at least once
         self.role = role
         self.last_loop_tick = time.monotonic() if last_loop_tick is None else last_loop_tick
+
+    # -- the store's facts: reachable is "answered, and not failing since" ----------------
+
+    @property
+    def database_reachable(self) -> bool:
+        return self.store_answered and self.store_failures == 0
+
+    @database_reachable.setter
+    def database_reachable(self, value: bool) -> None:
+        if value:
+            self.store_ok()
+        else:
+            self.store_down(None)
+
+    def store_ok(self) -> None:
+        self.store_answered = True
+        self.store_failures = 0
+        self.last_store_error = None
+
+    def store_down(self, exc: BaseException | None) -> None:
+        self.store_failures += 1
+        self.last_store_error = (str(exc)[:300] or type(exc).__name__) if exc else "unreachable"
 
     @property
     def role(self) -> str:

@@ -130,7 +130,17 @@ def test_engine_counters_match_the_heap(events) -> None:
 
 
 def test_output_is_json_lines() -> None:
+    from listener.instants import parse_instant
     from listener.replay import run_replay
     out = io.StringIO()
+    # A pending request nobody takes: it expires, so replay must write lines.
     asyncio.run(run_replay([json.dumps(event(T0, "INSERT", row()))], TABLE, out, io.StringIO()))
-    assert all(json.loads(line)["session_id"] == "s1" for line in out.getvalue().splitlines())
+    lines = out.getvalue().splitlines()
+    assert lines, "replay wrote nothing"
+    for line in lines:
+        action = json.loads(line)
+        assert isinstance(action, dict), line
+        assert {"at", "rule", "session_id", "due_at"} <= action.keys(), line
+        assert action["session_id"] == "s1" and action["rule"] in {r.name for r in TABLE.rules}, line
+        assert parse_instant(action["at"]) >= parse_instant(action["due_at"]), line
+        assert ("status" in action) == ("reason" in action), line

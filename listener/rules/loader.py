@@ -30,7 +30,7 @@ SUPPORT = "support"
 
 TOP_KEYS = {"tables", "maps", "rule"}
 TABLE_KEYS = {"key", "status", "known_statuses", "derived", "recipients", "timeline", "link",
-              "label", "columns"}
+              "label", "columns", "show"}
 DERIVED_KEYS = {"start", "lookup", "sum"}
 LOOKUP_KEYS = {"column", "map", "unit"}
 SUM_KEYS = {"table", "column", "by", "unit"}
@@ -186,7 +186,10 @@ class _Builder:
             {**(previous.recipients if previous else {}), **recipients},
             raw.get("timeline", previous.timeline if previous else None),
             raw.get("link", previous.link if previous else None),
-            raw.get("label", previous.label if previous else None))
+            raw.get("label", previous.label if previous else None),
+            tuple(_identifier(c, where, "show column")
+                  for c in _strings(raw.get("show", []), where, "show"))
+            or (previous.show if previous else ()))
         if previous is not None and (previous.key, previous.status) != (key, status) \
                 and ("key" in raw or "status" in raw):
             raise _fail(where, f"redeclares key/status ({previous.key}, {previous.status})")

@@ -122,6 +122,7 @@ def table_queries(ruleset: RuleSet, max_notify_lateness: int,
         have = None if available is None else available.get(name)
         for rule in rules:
             columns += [c for c in optional_columns(rule, table) if have is None or c in have]
+        columns += [c for c in table.show if have is None or c in have]
         out[name] = TableQuery(
             name, table.key, table.status, tuple(dict.fromkeys(columns)),
             tuple(condition_json(r, table, maps, max_notify_lateness) for r in rules),
