@@ -23,6 +23,9 @@ security definer
 set search_path = public, pg_temp
 set timezone = 'UTC'
 set statement_timeout = '60s'
+-- Its row estimates are poor (a VALUES row per condition): compiling would
+-- cost more than the scan.
+set jit = off
 as $$
 declare
     v_table text := p_query->>'table';
@@ -37,6 +40,9 @@ declare
     v_instants text[];
     v_expr text;
     v_values text[] := '{}';
+    v_dues text[] := '{}';
+    v_lates text[] := '{}';
+    v_some text[] := '{}';
     v_all_statuses text[] := '{}';
     v_any_status boolean := false;
     v_missing_of jsonb := '{}';
@@ -91,35 +97,43 @@ begin
         else
             v_any_status := true;
         end if;
-        v_values := v_values || format(
-            '(%L, case when %s then greatest(%s) + %s * interval ''1 microsecond'' end)',
-            v_condition->>'rule',
+        v_dues := v_dues || format(
+            'case when %s then greatest(%s) + %s * interval ''1 microsecond'' end as d%s',
             public.listener_condition_sql_v2(
                 v_columns, jsonb_set(p_query, '{conditions}', jsonb_build_array(v_condition)), 't'),
-            array_to_string(v_instants, ', '), (v_condition->>'offset_us')::bigint);
+            array_to_string(v_instants, ', '), (v_condition->>'offset_us')::bigint,
+            cardinality(v_dues) + 1);
+        v_values := v_values || format(
+            'select %1$L, count(d%2$s), count(*) filter (where l%2$s), '
+            'min(d%2$s) filter (where l%2$s), '
+            '(array_agg(k order by d%2$s, k) filter (where l%2$s))[1:$2] from s',
+            v_condition->>'rule', cardinality(v_dues));
+        v_lates := v_lates || format(
+            'case when d%1$s < now() - $1 then not exists (select 1 from public.listener_ledger l'
+            ' where l.rule = %2$L and l.table_name = %3$L and l.row_key = s.k'
+            ' and l.due_at = s.d%1$s) else false end as l%1$s',
+            cardinality(v_dues), v_condition->>'rule', v_table);
+        v_some := v_some || format('d%s is not null', cardinality(v_dues));
     end loop;
 
     if cardinality(v_values) > 0 then
+        -- One pass over the table computes every condition's due instant
+        -- (`offset 0` keeps the child sums, subplans, evaluated once per row);
+        -- the rows some condition holds for are kept, then counted per condition.
         v_sql := format($q$
-            select v.rule, t.%1$I::text as k, v.due,
-                   case when v.due < now() - $1
-                        then not exists (select 1 from public.listener_ledger l
-                                          where l.rule = v.rule and l.table_name = %2$L
-                                            and l.row_key = t.%1$I::text and l.due_at = v.due)
-                        else false end as late
-              from public.%2$I t
-             cross join lateral (values %3$s) as v(rule, due)
-             where v.due is not null %4$s$q$,
-            v_key, v_table, array_to_string(v_values, ', '),
+            with s as materialized (
+                select s.*, %1$s
+                  from (select t.%2$I::text as k, %3$s from public.%4$I t %5$s offset 0) s
+                 where %6$s)
+            %7$s$q$,
+            array_to_string(v_lates, ', '), v_key, array_to_string(v_dues, ', '), v_table,
             -- Every condition names its statuses: only those rows (an index
             -- on the status column applies).
             case when v_any_status then ''
-                 else format('and t.%I::text = any(%L::text[])', v_status, v_all_statuses) end);
-        v_sql := format($q$
-            select c.rule, count(*), count(*) filter (where c.late),
-                   min(c.due) filter (where c.late),
-                   (array_agg(c.k order by c.due, c.k) filter (where c.late))[1:$2]
-              from (%s) c group by c.rule$q$, v_sql);
+                 else format('where t.%I::text = any(%L::text[])', v_status,
+                             (select array_agg(distinct x) from unnest(v_all_statuses) x)) end,
+            array_to_string(v_some, ' or '),
+            array_to_string(v_values, ' union all '));
     else
         v_sql := 'select null::text, 0::bigint, 0::bigint, null::timestamptz, null::text[] where false';
     end if;
