@@ -50,10 +50,10 @@ def memory_per_session(count: int) -> float:
     before = tracemalloc.get_traced_memory()[0]
     engine = Engine(load_rules({}))
     for row in rows:
-        engine.upsert(row, at)
+        engine.upsert("sessions", row, at)
     used = tracemalloc.get_traced_memory()[0] - before
     tracemalloc.stop()
-    return used / len(engine.sessions)
+    return used / engine.tracked
 
 
 def main() -> None:

@@ -102,8 +102,11 @@ def _why_inactive(rule: Rule, ruleset: RuleSet, catalog: Mapping[str, TableInfo]
     for column in dict.fromkeys(needed):
         if column not in info.columns and column != STATUS_CHANGED_AT:
             return f"column {rule.table}.{column} does not exist"
+    allowed = info.allowed_values(table.status)
+    if allowed is not None and rule.statuses and not rule.statuses & allowed:
+        return (f"it applies to {', '.join(sorted(rule.statuses))}, which the CHECK "
+                f"constraint of {rule.table}.{table.status} never allows")
     if rule.set_status is not None:
-        allowed = info.allowed_values(table.status)
         if allowed is not None and rule.set_status not in allowed:
             return (f"status {rule.set_status!r} is rejected by the CHECK constraint of "
                     f"{rule.table}.{table.status}")

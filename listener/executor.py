@@ -63,7 +63,8 @@ class Executor:
                  deliverer: Deliverer | None = None, publisher: EventPublisher | None = None,
                  webhooks: WebhookPort | None = None,
                  on_result: Callable[[ActionResult], None] | None = None,
-                 background: Callable[[Awaitable[None]], Any] | None = None) -> None:
+                 background: Callable[[Awaitable[None]], Any] | None = None,
+                 timeline: bool = True) -> None:
         self.engine = engine
         self.store = store
         self.clock = clock
@@ -72,6 +73,9 @@ class Executor:
         self.publisher = publisher
         self.webhooks = webhooks
         self.on_result = on_result
+        # Whether actions write the app's timeline rows (replay has no app to show them to).
+        self.timeline = timeline
+        self._messages: dict[tuple[str, Outcome], str] = {}
         # Emails and webhooks may be slow (rate limits, retries): live, they run
         # in the background so the status changes of other rows never wait.
         self._background = background
@@ -216,13 +220,18 @@ class Executor:
     def _timeline(self, rule: Rule, key: ActionKey, outcome: Outcome, at: int,
                   detail: dict[str, Any]) -> dict[str, Any] | None:
         """The app's timeline row for an action taken (not for one skipped)."""
+        if not self.timeline:
+            return None
         table = self.engine.ruleset.tables.get(key.table)
         level = TIMELINE_LEVEL.get(outcome)
         if table is None or table.timeline is None or level is None:
             return None
         event = rule.event or f"session.listener.{rule.name}"
-        what = rule.describe_actions()
-        message = f"listener: {rule.name} {outcome.value}" + (f" ({what})" if what != "none" else "")
+        message = self._messages.get((rule.name, outcome))
+        if message is None:
+            what = rule.describe_actions()
+            message = self._messages[(rule.name, outcome)] = (
+                f"listener: {rule.name} {outcome.value}" + (f" ({what})" if what != "none" else ""))
         return {"table": table.timeline, "row": {
             "level": level, "event": event, "message": message, "session_id": key.row_key,
             "metadata": {"source": "listener", "rule": rule.name, "outcome": outcome.value,

@@ -74,7 +74,7 @@ class Replay:
                     emit(result)
 
         self.executor = Executor(self.engine, self.store, self.clock, REPLAY_FENCE,
-                                 on_result=collect)
+                                 on_result=collect, timeline=False)
 
     async def fire_until(self, limit: Instant) -> None:
         while (timer := self.engine.pop_due(limit)) is not None:
