@@ -21,7 +21,7 @@ from typing import Any, Iterable, Mapping
 
 from listener.adapters.audit_source import AuditSource, AuditTimeout
 from listener.rules.model import RuleSet
-from listener.rules.query import TableQuery, table_queries
+from listener.rules.query import table_queries
 from listener.tables import format_table
 
 
@@ -81,14 +81,16 @@ REPLACES: dict[str, tuple[str, ...]] = {
     "reservation_expiry": ("/api/cron/release-expired-reservations",),
     "waitlist_expiry": ("expire_old_waitlist_entries()", "run_scheduled_cleanup()"),
     "rfq_expiry": ("/api/cron/rfq-expiration", "auto_expire_rfq_marketplace()"),
-    "rfq_expiry_warning": ("/api/cron/rfq-expiration",),
+    "rfq_deadline_warning": ("/api/cron/rfq-expiration",),
     "session_invite_expiry": ("expire_old_invite_codes()", "run_scheduled_cleanup()"),
-    "workshop_invite_expiry": ("/api/cron/workshop-alerts",),
+    "workshop_invite_expired": ("/api/cron/workshop-alerts",),
+    "workshop_application_stuck": ("/api/cron/workshop-alerts",),
+    "subscription_credits_due": ("/api/cron/allocate-credits",),
 }
 
 # Work some of those clocks do that no rule does: deleting the job would lose it.
 OTHER_WORK: dict[str, str] = {
-    "/api/cron/workshop-alerts": "the stuck-application and churn alerts",
+    "/api/cron/workshop-alerts": "the churned-workshop alert",
     "run_scheduled_cleanup()": "the legacy session_requests and customer no-show cleanup",
 }
 
@@ -275,9 +277,9 @@ class Auditor:
                 statuses.append(RuleStatus(rule.name, rule.table, False, False))
                 self.findings.append(Finding(
                     Kind.INACTIVE_RULE, Severity.INFO,
-                    f"rule {rule.name} is disabled by configuration",
-                    f"nothing does its work unless the app still does: enable it "
-                    f"(unset {rule.env_name}, or enabled = true) if its job is wanted",
+                    f"rule {rule.name} is off (shipped off in its pack, or switched off)",
+                    f"nothing does its work unless the app still does: switch it on "
+                    f"({rule.env_name}=on, or enabled = true in RULES_FILE) if its job is wanted",
                     rule=rule.name, table=rule.table))
                 continue
             row = answers.get(rule.name)
