@@ -324,6 +324,10 @@ async def test_audit_over_supabase_rpc(plain_db: str, rules_file: Path) -> None:
         conn.execute("insert into public.sessions (status, status_changed_at) values "
                      "('pending', now() - interval '1 hour')")
         conn.execute("insert into public.audit_holds (expires_at) values (now() + interval '1 day')")
+        conn.execute(
+            "insert into public.listener_ledger (rule, table_name, row_key, due_at, state, holder,"
+            " fencing_token, claimed_at) values ('reservation_expiry', 'audit_holds', 'h1',"
+            " now() - interval '1 hour', 'claimed', 'worker-2', 3, now() - interval '1 hour')")
     async with PostgrestServer(plain_db) as rest:
         # The grants of the audit's migration, now that the API roles exist.
         audit_sql = resources.files("listener.migrations").joinpath("0009_audit.sql")
@@ -345,6 +349,9 @@ async def test_audit_over_supabase_rpc(plain_db: str, rules_file: Path) -> None:
         findings = json.loads(out)["findings"]
         assert [f["count"] for f in by_kind(findings, "overdue")
                 if f["rule"] == "request_expiry"] == [1]
+        assert [f["keys"] for f in by_kind(findings, "stuck_claim")] == \
+            [["reservation_expiry/audit_holds/h1"]]
+        assert json.loads(out)["cron"]["installed"] is False
         assert {c.function for c in rest.calls} >= {
             "listener_audit_overdue_v1", "listener_audit_deadline_columns_v1",
             "listener_audit_cron_v1", "listener_audit_ledger_v1", "listener_audit_values_v1"}
