@@ -240,5 +240,67 @@ def demo(timeout: float = typer.Option(240, help="give up after this many second
     raise typer.Exit(0 if ok else 1)
 
 
+@app.command()
+def audit(
+    as_json: bool = typer.Option(False, "--json", help="one JSON object instead of a table"),
+    app_repo: Optional[str] = typer.Option(
+        None, "--app-repo", help="the app's repository: also check its vercel.json and "
+                                 "render.yaml crons"),
+    rules: Optional[list[str]] = RULES_OPTION,
+) -> None:
+    """Which time-based jobs are missing on the configured database, and which would
+    run twice. Exit 0: nothing to do; 1: some finding asks for action; 2: could not run."""
+    import json
+    import os
+    from datetime import timedelta
+    from pathlib import Path
+
+    from listener.adapters.audit_source import (
+        AuditUnavailable, RpcAuditSource, SqlAuditSource)
+    from listener.audit import Auditor, format_report
+    from listener.instants import parse_duration
+
+    settings = load_settings()
+    ruleset = load_table(rules)
+    try:
+        timeout = parse_duration(os.environ.get("AUDIT_STATEMENT_TIMEOUT", "30s"))
+    except ValueError as exc:
+        fail(f"AUDIT_STATEMENT_TIMEOUT: {exc}")
+    repo = None
+    if app_repo is not None:
+        repo = Path(app_repo)
+        if not repo.is_dir():
+            fail(f"--app-repo: {app_repo} is not a directory")
+    try:
+        if settings.database_url:
+            source = SqlAuditSource(settings.database_url, timeout // 1000)
+        elif settings.backend == "supabase":
+            source = RpcAuditSource(settings.supabase_url,
+                                    settings.supabase_service_role_key.get_secret_value(),
+                                    timeout / 1_000_000 + 10)
+        else:
+            from listener.runtime import embedded_conninfo
+
+            source = SqlAuditSource(embedded_conninfo(settings.listener_data_dir),
+                                    timeout // 1000)
+    except AuditUnavailable as exc:
+        fail(str(exc))
+    try:
+        # Due more than a reconcile interval and a minute ago: a running
+        # listener would have acted by then.
+        grace = timedelta(microseconds=settings.reconcile_interval + 60_000_000)
+        report = Auditor(source, ruleset, grace=grace,
+                         max_notify_lateness=settings.max_notify_lateness).run(repo)
+    except AuditUnavailable as exc:
+        fail(str(exc))
+    finally:
+        source.close()
+    if as_json:
+        typer.echo(json.dumps(report.as_json(), default=str, indent=2))
+    else:
+        typer.echo(format_report(report))
+    raise typer.Exit(report.exit_code)
+
+
 def main() -> None:
     app()

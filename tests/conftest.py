@@ -77,3 +77,14 @@ def database(pg_admin: str, pg_template: str) -> Iterator[str]:
     """A fresh, migrated database; its conninfo."""
     with scratch_database(pg_admin, "listener_t_", pg_template) as conninfo:
         yield conninfo
+
+
+@pytest.fixture(scope="session")
+def pg_cron_cluster():
+    """A PostgreSQL cluster of the tests' own with pg_cron preloaded (tests/pgcron.py)."""
+    from tests.pgcron import available, cron_cluster
+
+    missing = available()
+    if missing is not None:
+        pytest.fail(f"pg_cron tests need the extension: {missing}")
+    yield from cron_cluster()
