@@ -16,6 +16,12 @@ from listener.rules.model import Rule, RuleSet
 from listener.rules.query import STATUS_CHANGED_AT, rule_columns
 
 _LITERAL = re.compile(r"'((?:[^']|'')*)'::")
+# A CHECK that is an allow-list of one column: `col = ANY (ARRAY['a'::text, ...])`
+# or `col IN (...)`, nothing else. Other constraints (conditions over several
+# columns) say nothing certain about which statuses a row may take.
+_ALLOW_LIST = re.compile(
+    r'^CHECK \(+\(?"?(?P<column>\w+)"?\)?(?:::[\w ]+)? = ANY \(+ARRAY\[(?P<values>.*)\]'
+    r'(?:::[\w ]+\[\])?\)+$')
 
 
 class ActivationError(ValueError):
@@ -44,7 +50,11 @@ class TableInfo:
         no constraint lists values (anything goes)."""
         allowed: set[str] | None = None
         for definition in self.checks.get(column, ()):
-            values = {v.replace("''", "'") for v in _LITERAL.findall(definition)}
+            match = _ALLOW_LIST.match(definition.strip())
+            if match is None or match.group("column") != column \
+                    or re.search(r"\b(AND|OR)\b", match.group("values")):
+                continue
+            values = {v.replace("''", "'") for v in _LITERAL.findall(match.group("values"))}
             if values:
                 allowed = values if allowed is None else allowed & values
         return allowed

@@ -13,6 +13,9 @@ import psycopg
 import pytest
 
 from listener import migrate
+from listener.instants import HOUR
+from listener.rules import load_rules
+from listener.rules.query import table_queries
 
 
 def _server_conninfo() -> tuple[str, object | None]:
@@ -66,7 +69,9 @@ def pg_template(pg_admin: str) -> Iterator[str]:
     with psycopg.connect(pg_admin, autocommit=True) as conn:
         conn.execute(f'drop database if exists "{name}"')
         conn.execute(f'create database "{name}"')
-    migrate.apply(with_dbname(pg_admin, name), include_reference=True)
+    # The shipped packs' per-table objects (triggers, columns), as `listener migrate` installs them.
+    migrate.apply(with_dbname(pg_admin, name), include_reference=True,
+                  queries=table_queries(load_rules({}), HOUR))
     yield name
     with psycopg.connect(pg_admin, autocommit=True) as conn:
         conn.execute(f'drop database if exists "{name}" with (force)')

@@ -19,7 +19,7 @@ from listener.executor import ActionResult
 from listener.instants import SECOND
 from listener.rules import load_rules
 from listener.rules.query import table_queries
-from listener.runtime import assemble
+from listener.runtime import assemble, recipients_of
 from listener.settings import Settings
 
 CUSTOMER = "22222222-2222-4222-8222-222222222222"
@@ -94,7 +94,7 @@ class LiveDaemon:
             lease_ttl=int(lease_ttl_s * SECOND), reconcile_interval=int(reconcile_s * SECOND),
             **(settings or {}))
         queries = table_queries(self.table, self.settings.max_notify_lateness)
-        self.store = store or SqlStore(conninfo, queries)
+        self.store = store or SqlStore(conninfo, queries, recipients=recipients_of(self.table))
         self.source = source or NotifySource(conninfo, queries, idle_probe=2.0)
         self.sender = sender or OutboxSender(outbox)
         self.publisher = publisher
