@@ -16,7 +16,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple, Protocol
 
 from listener.effects import EmailError, OutgoingEmail
@@ -73,6 +73,41 @@ class Member(NamedTuple):
     def as_json(self) -> dict[str, str]:
         return {"rule": self.rule, "table_name": self.table_name,
                 "row_key": self.row_key, "due_at": self.due_at}
+
+
+class FrozenBatch(NamedTuple):
+    """A batch as recorded: its key, its payload, its members."""
+
+    batch_key: str
+    payload: Payload
+    members: list[dict[str, Any]]
+
+
+class FreezeRefused(Exception):
+    """The store would not record the batch (fenced: another instance holds the lease)."""
+
+
+# freeze(batch_key, payload, members, supersedes) -> the batches already frozen
+# with some of these members (empty: frozen as asked); raises when not recorded.
+Freeze = Callable[[str, Payload, list[dict[str, Any]], "str | None"],
+                  Awaitable["list[FrozenBatch] | None"]]
+
+
+class FreezeOutcome(enum.Enum):
+    FROZEN = "frozen"
+    TAKEN = "taken"
+    FENCED = "fenced"
+
+
+def frozen_batches(answer: Mapping[str, Any]) -> list[FrozenBatch]:
+    """What `listener_batch_freeze_v1` answered, as `freeze` returns it (raises when fenced)."""
+    outcome = FreezeOutcome(answer.get("outcome"))
+    if outcome is FreezeOutcome.FENCED:
+        raise FreezeRefused("fenced: this instance no longer holds the lease")
+    if outcome is FreezeOutcome.FROZEN:
+        return []
+    return [FrozenBatch(str(b["batch_key"]), list(b["payload"]), list(b.get("members") or []))
+            for b in answer.get("batches") or []]
 
 
 class ErrorKind(enum.Enum):
