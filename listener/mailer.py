@@ -64,6 +64,7 @@ and batch: a batch is one request.
 from __future__ import annotations
 
 import asyncio
+import collections
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -105,31 +106,86 @@ def member_of(key: Any) -> Member | None:
                   due if isinstance(due, str) else format_instant(due))
 
 
-# Requests leave 5% further apart than the rate allows: the server counts them
-# when they arrive, and network jitter would otherwise squeeze two into one slot.
-_HEADROOM = 1.05
+# A little more than the server's window: its clock and ours differ by a hair.
+_WINDOW_MARGIN = 1.02
+
+
+class _Slot:
+    """The right to make one request; `release()` when its answer is in (or it failed)."""
+
+    __slots__ = ("_gate", "_released")
+
+    def __init__(self, gate: _RateGate) -> None:
+        self._gate = gate
+        self._released = False
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._gate._ended()
 
 
 class _RateGate:
-    """One request every 1/rate seconds; the rate can only be lowered (to what the server says)."""
+    """Paces requests for a server that allows `limit` requests in any `window` seconds.
+
+    Two rules, both needed: an `aiolimiter.AsyncLimiter` spaces request starts
+    1/rate apart (smooth, no bursts); and a request starts only when fewer
+    than `limit` others are in flight or answered within the last `window`.
+    The server counts a request when it arrives, somewhere between our start
+    and its answer, so the second rule keeps to its limit whatever the network
+    delay (a slow first connection would otherwise let `limit + 1` arrive
+    within one window). The rate can only be lowered, to what the server says.
+    """
 
     def __init__(self, rate_per_second: float) -> None:
-        self.rate = rate_per_second
-        self._limiter = AsyncLimiter(1, _HEADROOM / rate_per_second)
+        self._configure(rate_per_second)
+        self._in_flight = 0
+        self._ends: collections.deque[float] = collections.deque()
+        self._changed: asyncio.Event | None = None
 
-    async def acquire(self) -> None:
+    def _configure(self, rate: float) -> None:
+        self.rate = rate
+        self.limit = max(1, int(rate)) if rate >= 1 else 1
+        self.window = self.limit / rate * _WINDOW_MARGIN
+        self._limiter = AsyncLimiter(1, 1.0 / rate)
+
+    async def acquire(self) -> _Slot:
         while True:
             limiter = self._limiter
             await limiter.acquire()
             if limiter is self._limiter:
-                return
+                break
             # The rate changed while we waited: queue again at the new pace.
+        loop = asyncio.get_running_loop()
+        while True:
+            now = loop.time()
+            while self._ends and self._ends[0] <= now - self.window:
+                self._ends.popleft()
+            if self._in_flight + len(self._ends) < self.limit:
+                break
+            if self._changed is None or self._changed._loop is not loop:  # type: ignore[attr-defined]
+                self._changed = asyncio.Event()
+            self._changed.clear()
+            timeout = (self._ends[0] + self.window - now) if self._ends else None
+            try:
+                await asyncio.wait_for(self._changed.wait(), timeout)
+            except TimeoutError:
+                pass
+        self._in_flight += 1
+        return _Slot(self)
+
+    def _ended(self) -> None:
+        self._in_flight -= 1
+        self._ends.append(asyncio.get_running_loop().time())
+        if self._changed is not None:
+            self._changed.set()
 
     def slow_to(self, rate: float) -> bool:
         if not rate or rate <= 0 or rate >= self.rate:
             return False
-        self.rate = rate
-        self._limiter = AsyncLimiter(1, _HEADROOM / rate)
+        self._configure(rate)
+        if self._changed is not None:
+            self._changed.set()
         return True
 
 
@@ -229,7 +285,7 @@ class Mailer:
         task = self._resending.get(batch_key_)
         if task is None or task.get_loop() is not asyncio.get_running_loop():
             task = asyncio.ensure_future(self._send_frozen(
-                batch_key_, canonical_payload(payload), list(members), slot_taken=False))
+                batch_key_, canonical_payload(payload), list(members), slot=None))
             self._resending[batch_key_] = task
             task.add_done_callback(lambda t: self._resending.pop(batch_key_, None)
                                    if self._resending.get(batch_key_) is t else None)
@@ -244,7 +300,7 @@ class Mailer:
 
         async def attempt() -> str:
             nonlocal attempts
-            await self._gate.acquire()
+            slot = await self._gate.acquire()
             attempts += 1
             EMAIL_ATTEMPTS.inc()
             try:
@@ -256,6 +312,8 @@ class Mailer:
                 raise
             except Exception as exc:  # a sender bug: do not retry, do not crash the caller
                 raise EmailError(f"{type(exc).__name__}: {exc}", transient=False) from exc
+            finally:
+                slot.release()
 
         retrying = AsyncRetrying(
             sleep=self._sleep,
@@ -321,11 +379,12 @@ class Mailer:
                 except TimeoutError:
                     pass
             # The slot first: emails keep queueing while the limiter holds us.
-            await self._gate.acquire()
+            slot = await self._gate.acquire()
             groups = self._take()
-            if not groups:
-                continue  # all abandoned; the slot is lost, harmless
-            self._spawn(self._send_groups(groups, supersedes=None, slot_taken=True))
+            if not groups:  # all abandoned
+                slot.release()
+                continue
+            self._spawn(self._send_groups(groups, supersedes=None, slot=slot))
 
     def _take(self) -> list[_Group]:
         """Whole actions, oldest first, up to `max_batch` emails."""
@@ -358,10 +417,10 @@ class Mailer:
     # -- one batch ----------------------------------------------------------------------
 
     async def _send_groups(self, groups: list[_Group], *, supersedes: str | None,
-                           slot_taken: bool) -> None:
+                           slot: _Slot | None) -> None:
         """Freeze, send, settle every email of these groups (never raises but cancellation)."""
         try:
-            await self._send_groups_inner(groups, supersedes=supersedes, slot_taken=slot_taken)
+            await self._send_groups_inner(groups, supersedes=supersedes, slot=slot)
         except asyncio.CancelledError:
             for group in groups:
                 for fut in group.futures:
@@ -371,9 +430,12 @@ class Mailer:
             log.error("email_batch_error", error=repr(exc), exc_info=True)
             for group in groups:
                 group.settle_all(f"email batch error: {type(exc).__name__}: {exc}")
+        finally:
+            if slot is not None:
+                slot.release()  # unused (not frozen, or re-sent elsewhere); else a no-op
 
     async def _send_groups_inner(self, groups: list[_Group], *, supersedes: str | None,
-                                 slot_taken: bool) -> None:
+                                 slot: _Slot | None) -> None:
         emails = [e for g in groups for e in g.emails]
         owner = [g for g in groups for _ in g.emails]
         try:
@@ -397,10 +459,12 @@ class Mailer:
                 self._fail(groups, reason)
                 return
             if already:
-                await self._send_already_frozen(groups, already, slot_taken)
+                if slot is not None:
+                    slot.release()
+                await self._send_already_frozen(groups, already)
                 return
 
-        results = await self._send_frozen(key, payload, members, slot_taken=slot_taken,
+        results = await self._send_frozen(key, payload, members, slot=slot,
                                           groups=groups, owner=owner)
         for email, group, error in zip(emails, owner, results):
             group.settle(email, error)
@@ -410,8 +474,8 @@ class Mailer:
                             role=email.role, idempotency_key=email.idempotency_key,
                             batch_key=key, error=error)
 
-    async def _send_already_frozen(self, groups: list[_Group], already: list[FrozenBatch],
-                                   slot_taken: bool) -> None:
+    async def _send_already_frozen(self, groups: list[_Group],
+                                   already: list[FrozenBatch]) -> None:
         """Some actions are in batches frozen earlier (before a crash): re-send those as
         recorded, settle their emails from that, and batch the rest anew."""
         by_ref: dict[str, str | None] = {}
@@ -434,18 +498,17 @@ class Mailer:
             else:
                 rest.append(group)
         if rest:
-            await self._send_groups_inner(rest, supersedes=None, slot_taken=False)
+            await self._send_groups_inner(rest, supersedes=None, slot=None)
 
     async def _send_frozen(self, key: str, payload: Payload, members: list[dict[str, Any]], *,
-                           slot_taken: bool, groups: list[_Group] | None = None,
+                           slot: _Slot | None, groups: list[_Group] | None = None,
                            owner: list[_Group] | None = None) -> list[str | None]:
         """Attempts of one frozen batch; per item None or an error. Splits on a 422."""
         attempts = 0
         last: ProviderError | None = None
         while attempts < self.max_attempts:
-            if not slot_taken:
-                await self._gate.acquire()
-            slot_taken = False
+            if slot is None:
+                slot = await self._gate.acquire()
             attempts += 1
             EMAIL_ATTEMPTS.inc()
             try:
@@ -470,6 +533,9 @@ class Mailer:
                 log.info("email_batch_sent", batch_key=key, emails=len(payload),
                          attempts=attempts)
                 return [None] * len(payload)
+            finally:
+                slot.release()
+                slot = None
 
             kind = last.kind
             if kind is ErrorKind.INVALID:
@@ -553,7 +619,7 @@ class Mailer:
                 raise
             except Exception as exc:  # noqa: BLE001 - not recorded: not sent
                 return [f"batch not recorded, not sent: {type(exc).__name__}: {exc}"] * len(items)
-        return await self._send_frozen(new_key, items, part_members, slot_taken=False,
+        return await self._send_frozen(new_key, items, part_members, slot=None,
                                        owner=[owner[i] for i in part] if owner else None)
 
     def _fail(self, groups: list[_Group], reason: str) -> None:
