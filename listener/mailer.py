@@ -91,6 +91,8 @@ Sleep = Callable[[float], Awaitable[None]]
 MAX_BATCH = 100
 # Grouping window, measured (benchmarks/email_window.py): see the README.
 BATCH_WINDOW = 0.02
+# Least wait before asking again about a request still in flight at the provider.
+IN_FLIGHT_WAIT = 1.0
 
 
 def _is_transient(exc: BaseException) -> bool:
@@ -189,7 +191,7 @@ class _RateGate:
         return True
 
 
-@dataclass
+@dataclass(eq=False)  # identity: groups are keys and are compared with `is`
 class _Group:
     """One action's emails: they travel together, in one batch."""
 
@@ -554,6 +556,11 @@ class Mailer:
             wait = self._backoff(attempts)
             if last.retry_after:
                 wait = max(wait, last.retry_after)
+            if kind is ErrorKind.IN_FLIGHT:
+                # The first request with this key is still being processed (a
+                # request of a previous instance, or one we gave up waiting for):
+                # asking again within the second only spends the rate budget.
+                wait = max(wait, IN_FLIGHT_WAIT)
             log.info("email_batch_retry", batch_key=key, emails=len(payload), attempt=attempts,
                      max_attempts=self.max_attempts, wait_s=round(wait, 3), error=str(last),
                      kind=kind.value)
