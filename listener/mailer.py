@@ -145,7 +145,8 @@ class _RateGate:
         self._configure(rate_per_second)
         self._in_flight = 0
         self._ends: collections.deque[float] = collections.deque()
-        self._changed: asyncio.Event | None = None
+        self._changed: asyncio.Event | None = None  # set when a request ends
+        self._changed_loop: asyncio.AbstractEventLoop | None = None
 
     def _configure(self, rate: float) -> None:
         self.rate = rate
@@ -167,8 +168,8 @@ class _RateGate:
                 self._ends.popleft()
             if self._in_flight + len(self._ends) < self.limit:
                 break
-            if self._changed is None or self._changed._loop is not loop:  # type: ignore[attr-defined]
-                self._changed = asyncio.Event()
+            if self._changed is None or self._changed_loop is not loop:
+                self._changed, self._changed_loop = asyncio.Event(), loop
             self._changed.clear()
             timeout = (self._ends[0] + self.window - now) if self._ends else None
             try:
@@ -291,6 +292,8 @@ class Mailer:
             task = asyncio.ensure_future(self._send_frozen(
                 batch_key_, canonical_payload(payload), list(members), slot=None))
             self._resending[batch_key_] = task
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
             task.add_done_callback(lambda t: self._resending.pop(batch_key_, None)
                                    if self._resending.get(batch_key_) is t else None)
         # Shielded: one caller giving up does not cancel the others' request.
