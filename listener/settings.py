@@ -36,7 +36,9 @@ class Settings(BaseSettings):
 
     resend_api_key: SecretStr | None = None
     resend_api_url: str | None = None
-    resend_rate_limit: float = Field(2.0, gt=0)  # requests per second, Resend's default
+    # Requests per second: Resend's current default team limit. The mailer slows
+    # down by itself when the server's ratelimit-limit says less.
+    resend_rate_limit: float = Field(5.0, gt=0)
     email_max_attempts: int = Field(5, ge=1, le=20)
     email_from: str = "The Auto Doctor <noreply@theautodoctor.com>"
     support_email: str | None = None
