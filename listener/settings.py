@@ -44,6 +44,8 @@ class Settings(BaseSettings):
     lease_ttl: int = 15 * 1_000_000
     ops_port: int | None = None
     ops_host: str = "127.0.0.1"
+    # /report on the ops port is served only with this token (bearer or ?token=).
+    ops_token: SecretStr | None = None
     listener_data_dir: Path = Path(".listener")
     instance_name: str | None = None
 
@@ -51,6 +53,12 @@ class Settings(BaseSettings):
     @classmethod
     def _durations(cls, value: object, info) -> int:  # type: ignore[no-untyped-def]
         return _duration(value, info.field_name.upper())
+
+    @field_validator("ops_token", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        # OPS_TOKEN= (set but empty) must not turn /report on with an empty token.
+        return None if isinstance(value, str) and not value.strip() else value
 
     @property
     def backend(self) -> str:

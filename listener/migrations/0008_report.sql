@@ -162,8 +162,10 @@ begin
                        'outcomes', jsonb_build_object('fired', r.fired, 'skipped', r.skipped,
                                                       'late', r.late, 'failed', r.failed),
                        'total', r.fired + r.skipped + r.late + r.failed,
-                       'lateness_ms', jsonb_build_object('p50', r.pct[1], 'p95', r.pct[2],
-                                                         'p99', r.pct[3], 'max', r.max_ms),
+                       -- to the microsecond: finer is float noise
+                       'lateness_ms', jsonb_build_object(
+                           'p50', round(r.pct[1]::numeric, 3), 'p95', round(r.pct[2]::numeric, 3),
+                           'p99', round(r.pct[3]::numeric, 3), 'max', r.max_ms),
                        'histogram', h.counts)
                    order by r.table_name, r.rule)
               from per_rule r
@@ -227,9 +229,12 @@ select l.rule,
        count(*) filter (where l.state = 'skipped') as skipped,
        count(*) filter (where l.state = 'late') as late,
        count(*) filter (where l.state = 'failed') as failed,
-       percentile_cont(0.5) within group (order by l.lateness_ms) as lateness_p50_ms,
-       percentile_cont(0.95) within group (order by l.lateness_ms) as lateness_p95_ms,
-       percentile_cont(0.99) within group (order by l.lateness_ms) as lateness_p99_ms,
+       round((percentile_cont(0.5) within group (order by l.lateness_ms))::numeric, 3)
+           as lateness_p50_ms,
+       round((percentile_cont(0.95) within group (order by l.lateness_ms))::numeric, 3)
+           as lateness_p95_ms,
+       round((percentile_cont(0.99) within group (order by l.lateness_ms))::numeric, 3)
+           as lateness_p99_ms,
        max(l.lateness_ms) as lateness_max_ms
   from public.listener_ledger l
  where l.state in ('fired', 'skipped', 'late', 'failed') and l.fired_at is not null
