@@ -418,3 +418,14 @@ async def test_ops_report_needs_its_token(ledger_db: str, monkeypatch: pytest.Mo
     server = OpsServer.from_settings(Settings(), Readiness(), report=page)
     assert server is not None and server.serves_report
     assert token not in repr(Settings())
+
+
+def test_chart_labels_are_escaped() -> None:
+    from listener.report import svg
+
+    rules = [{"rule": "<b>r</b>", "table": "<script>t</script>", "total": 1,
+              "outcomes": {"fired": 1, "skipped": 0, "late": 0, "failed": 0}}]
+    drawn = svg.outcomes_by_rule(rules) + svg.actions_over_time(
+        [{"at": "<script>", "fired": 1}], svg.Step.HOUR)
+    assert "<script" not in drawn and "<b>" not in drawn
+    assert "&lt;script&gt;t&lt;/script&gt;" in drawn
