@@ -35,38 +35,11 @@ SINCE = datetime(2026, 3, 1, tzinfo=timezone.utc)
 UNTIL = SINCE + timedelta(days=1)
 SCRIPT_REASON = "<script>alert('x')</script> | bounced"
 
-# Until the ledger of any table (migration 0006) is on this branch: its shape,
-# made from the release-1 table as that migration does.
-LEDGER_V2_STAND_IN = """
-alter table public.listener_ledger drop constraint listener_ledger_pkey;
-alter table public.listener_ledger add column table_name text not null default 'sessions';
-alter table public.listener_ledger add column row_key text;
-alter table public.listener_ledger add column batch_key text;
-update public.listener_ledger set row_key = session_id::text;
-alter table public.listener_ledger alter column row_key set not null;
-alter table public.listener_ledger alter column session_id drop not null;
-alter table public.listener_ledger add primary key (rule, table_name, row_key, due_at);
-"""
-
-
 def migrate_like_supabase(conninfo: str) -> None:
-    """API roles and their default grants first (as on Supabase), then the
-    reference schema and every migration, recorded as `listener migrate` does."""
+    """The API roles and their default grants first, as on Supabase (so the
+    migrations' revokes are put to the test), then the schema and migrations."""
     asyncio.run(setup_supabase_roles(conninfo))
-    with psycopg.connect(conninfo) as conn:
-        for m in migrate.reference_migrations():
-            conn.execute(m.sql)
-        conn.execute(migrate.BOOTSTRAP)
-        for m in migrate.listener_migrations():
-            if m.name.startswith("0008"):
-                has_v2 = conn.execute(
-                    "select 1 from information_schema.columns where table_schema = 'public' "
-                    "and table_name = 'listener_ledger' and column_name = 'table_name'").fetchone()
-                if not has_v2:
-                    conn.execute(LEDGER_V2_STAND_IN)
-            conn.execute(m.sql)
-            conn.execute("insert into public.listener_migrations (name, checksum) values (%s, %s)",
-                         (m.name, m.checksum))
+    migrate.apply(conninfo, include_reference=True)
 
 
 @pytest.fixture(scope="module")

@@ -3,10 +3,6 @@
 -- and views the app's admin pages read. Everything here is readable or
 -- callable by the service role only.
 
--- Reports read the ledger by the instant an action fired.
-create index if not exists listener_ledger_by_fired_at
-    on public.listener_ledger (fired_at);
-
 -- Listener health the lease row does not hold: the last full reconcile.
 create table if not exists public.listener_health (
     name               text        primary key default 'listener',
@@ -54,7 +50,7 @@ as $$
 $$;
 
 -- The figures of the report over [p_since, p_until), by the instant each
--- action fired. Outcomes are the finished states; claims still open are listed
+-- action fired (the ledger's index on fired_at serves the window). Outcomes are the finished states; claims still open are listed
 -- apart (whatever their age), as is the lease. Lateness histograms count into
 -- fixed buckets (edges in ms) so reports of different windows compare.
 create or replace function public.listener_report_v1(p_since timestamptz, p_until timestamptz)
