@@ -12,6 +12,7 @@ from importlib import resources
 from typing import Any
 
 import jinja2
+from markupsafe import Markup
 
 from listener.report import svg
 from listener.report.figures import OUTCOMES, PERCENTILES, Step
@@ -44,12 +45,21 @@ def format_when(value: Any) -> str:
     return f"{date} {clock[:8]}"
 
 
+def short_key(value: Any) -> Markup:
+    """A long row key (a uuid) as its first 8 characters, the whole key on hover."""
+    text = "" if value is None else str(value)
+    if len(text) <= 12:
+        return Markup("{}").format(text)
+    return Markup('<span title="{}">{}\u2026</span>').format(text, text[:8])
+
+
 @lru_cache(maxsize=1)
 def _template() -> jinja2.Template:
     environment = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined,
                                      trim_blocks=False, lstrip_blocks=False)
     environment.filters["ms"] = format_ms
     environment.filters["instant"] = format_when
+    environment.filters["key"] = short_key
     text = resources.files("listener.report").joinpath("report.html.j2").read_text("utf-8")
     return environment.from_string(text)
 
