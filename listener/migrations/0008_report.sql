@@ -75,7 +75,9 @@ begin
                  else interval '1 day' end;
 
     with finished as materialized (
-        select l.rule, l.table_name, l.state, l.lateness_ms, l.fired_at,
+        -- names compared bytewise: grouping a million rows by rule sorts them
+        select l.rule collate "C" as rule, l.table_name collate "C" as table_name,
+               l.state, l.lateness_ms, l.fired_at,
                -- bucket 0 is "early" (negative), n is ">= last edge"
                case when l.lateness_ms is null then null
                     else width_bucket(l.lateness_ms, edges) end as bucket
