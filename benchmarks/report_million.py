@@ -58,6 +58,8 @@ select r.rule, r.table_name, v.k::text, case when r.table_name = 'sessions' then
   join (select ordinality - 1 as i, rule, table_name
           from unnest(%(rules)s::text[], %(tables)s::text[]) with ordinality as t(rule, table_name)
        ) r on r.i = v.g %% %(rule_count)s
+ -- the ledger grows in the order actions fire
+ order by v.f
 """
 
 
