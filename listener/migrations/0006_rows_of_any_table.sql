@@ -569,7 +569,7 @@ begin
             if columns ->> 'metadata' = 'jsonb' then
                 sets := sets || 'metadata = coalesce(x.metadata, ''{}''::jsonb) || jsonb_build_object('
                                 '''listener'', jsonb_build_object(''reason'', $2, ''rule'', $3, '
-                                '''at'', $4))';
+                                '''at'', $4))'::text;
             end if;
             if p_status = 'completed' and columns ? 'ended_at' then
                 sets := sets || 'ended_at = coalesce(x.ended_at, $4)'::text;
@@ -894,6 +894,25 @@ as $$
         'stamps_status', coalesce(p_query -> 'stamps_status', 'false'::jsonb))::text)
 $$;
 
+-- Whether the table's watch is installed for this query (null when the table
+-- does not exist): what `listener migrate` and `listener run` check.
+create or replace function public.listener_watch_current_v1(p_query jsonb)
+returns boolean
+language sql
+stable
+security definer
+set search_path = public, pg_temp
+as $$
+    select case when to_regclass(format('public.%I', p_query ->> 'table')) is null then null
+           else exists (select 1 from public.listener_watched w
+                         where w.table_name = p_query ->> 'table'
+                           and w.checksum = public.listener_watch_checksum_v1(p_query))
+                and exists (select 1 from pg_trigger g
+                             where g.tgrelid = to_regclass(format('public.%I', p_query ->> 'table'))
+                               and g.tgname = 'listener_notify_change')
+           end
+$$;
+
 -- Install the objects one watched table needs, idempotently: status_changed_at
 -- and its trigger (when a rule anchors on it: "stamps_status"), the
 -- listener_changed_at column with its trigger and index (the incremental
@@ -927,12 +946,7 @@ begin
         return false;
     end if;
     -- Up to date (same query, triggers in place): touch nothing, take no lock.
-    if exists (select 1 from public.listener_watched w
-                where w.table_name = tbl and w.checksum = wanted_checksum)
-       and exists (select 1 from pg_trigger g
-                    where g.tgrelid = format('public.%I', tbl)::regclass
-                      and g.tgname = 'listener_notify_change')
-    then
+    if public.listener_watch_current_v1(p_query) then
         return true;
     end if;
 
