@@ -77,7 +77,8 @@ def timed(work, repeat: int = 3) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
-    parser.add_argument("--server", default="host=127.0.0.1 port=5432 user=postgres dbname=postgres")
+    parser.add_argument("--server",
+                        default="host=127.0.0.1 port=5432 user=postgres dbname=postgres")
     args = parser.parse_args()
 
     name = f"listener_bench_report_{uuid.uuid4().hex[:8]}"

@@ -213,7 +213,7 @@ def report_command(
     from listener.clock import WallClock
     from listener.instants import format_instant, parse_duration
     from listener.report import ReportError, ReportFormat, render
-    from listener.report.sources import build_report, rpc_source, sql_source
+    from listener.report.sources import build_report, rpc_source, sql_source, supabase_client
     from listener.runtime import ConfigError, database_conninfo
 
     try:
@@ -237,15 +237,9 @@ def report_command(
         # row_id}, from the same evaluation `plan` runs once it reads rows of any table;
         # findings = `listener audit`'s findings once that lands.
         if settings.backend == "supabase":
-            from listener.adapters.supabase import RpcStore
-
-            store = RpcStore(settings.supabase_url, settings.supabase_service_role_key
-                             .get_secret_value())
-            await store.open()
-            try:
-                return await build_report(rpc_source(store.client), start, until)
-            finally:
-                await store.close()
+            key = settings.supabase_service_role_key.get_secret_value()
+            async with supabase_client(settings.supabase_url, key) as client:
+                return await build_report(rpc_source(client), start, until)
         conninfo = await asyncio.to_thread(database_conninfo, settings)
         return await build_report(sql_source(conninfo), start, until)
 

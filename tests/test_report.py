@@ -25,7 +25,7 @@ from listener.instants import parse_instant
 from listener.ops import OpsServer, Readiness
 from listener.report import ReportFormat, assemble, figures_over_rpc, figures_over_sql, render
 from listener.report.browser import dump_dom, screenshot
-from listener.report.sources import ops_page, sql_source
+from listener.report.sources import ops_page, sql_source, supabase_client
 from listener.settings import Settings
 from tests.conftest import scratch_database, with_dbname
 from tests.servers.postgrest_server import (ANON_KEY, SERVICE_ROLE_KEY, PostgrestServer,
@@ -86,10 +86,12 @@ def fill_known_ledger(conninfo: str) -> dict[str, str]:
         for hour, late in ((1, 3), (1.5, 7), (2, 12), (5, 40), (23.5, 250)):
             put(conn, "request_expiry", "sessions", "fired", hour, late)
         keys["failed"] = put(conn, "request_expiry", "sessions", "failed", 7, 900,
-                             {"recipients": ["customer"], "email_errors": {"customer": SCRIPT_REASON}})
+                             {"recipients": ["customer"],
+                              "email_errors": {"customer": SCRIPT_REASON}})
         put(conn, "reservation_expiry", "slot_reservations", "fired", 3, 1)
         put(conn, "reservation_expiry", "slot_reservations", "fired", 3.25, 1)
-        put(conn, "reservation_expiry", "slot_reservations", "skipped", 4, 5, {"why": "row moved on"})
+        put(conn, "reservation_expiry", "slot_reservations", "skipped", 4, 5,
+            {"why": "row moved on"})
         put(conn, "reservation_expiry", "slot_reservations", "failed", 8, 60_000,
             {"why": "webhook answered 410"})
         put(conn, "reservation_expiry", "slot_reservations", "late", 6, 4_000_000)
@@ -176,17 +178,26 @@ def test_a_week_is_drawn_per_day_and_an_empty_window_is_refused(ledger_db: str) 
 
 
 async def test_rpc_gives_the_same_json_and_refuses_the_anon_key(ledger_db: str) -> None:
-    from supabase import acreate_client
-
     await asyncio.to_thread(fill_known_ledger, ledger_db)
     over_sql = await figures_over_sql(ledger_db, instant(SINCE), instant(UNTIL))
     async with PostgrestServer(ledger_db) as rest:
-        service = await acreate_client(rest.url, SERVICE_ROLE_KEY)
-        over_rpc = await figures_over_rpc(service, instant(SINCE), instant(UNTIL))
-        anon = await acreate_client(rest.url, ANON_KEY)
-        with pytest.raises(Exception) as refused:
-            await figures_over_rpc(anon, instant(SINCE), instant(UNTIL))
+        async with supabase_client(rest.url, SERVICE_ROLE_KEY) as service:
+            over_rpc = await figures_over_rpc(service, instant(SINCE), instant(UNTIL))
+        async with supabase_client(rest.url, ANON_KEY) as anon:
+            with pytest.raises(Exception) as refused:
+                await figures_over_rpc(anon, instant(SINCE), instant(UNTIL))
+        # `listener report` on the Supabase backend: the same figures, through RPC
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "listener", "report", "--since", "2026-02-28T00:00:00Z",
+            "--format", "json", env={**clean_env(), "SUPABASE_URL": rest.url,
+                                     "SUPABASE_SERVICE_ROLE_KEY": SERVICE_ROLE_KEY},
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(process.communicate(), 120)
     assert "permission denied" in str(refused.value)
+    assert process.returncode == 0, err.decode()
+    through_cli = json.loads(out)
+    assert {(r["rule"], r["total"]) for r in through_cli["rules"]} \
+        == {("request_expiry", 8), ("reservation_expiry", 5)}  # with the two around the window
     for figures in (over_sql, over_rpc):
         figures.pop("generated_at")
         figures["health"].pop("lease_expires_at")
@@ -219,7 +230,8 @@ def test_views_and_function_are_the_service_roles_only(ledger_db: str) -> None:
         daily = conn.execute("select rule, table_name, day, fired, failed, lateness_p50_ms "
                              "from public.listener_report_daily order by rule, day").fetchall()
         assert ("request_expiry", "sessions", SINCE.date(), 5, 1, 26) in daily
-        assert conn.execute("select count(*) from public.listener_report_unfinished").fetchone() == (1,)
+        unfinished = conn.execute("select count(*) from public.listener_report_unfinished")
+        assert unfinished.fetchone() == (1,)
         assert conn.execute("select lease_holder from public.listener_report_health").fetchone() \
             == ("instance-a",)
         conn.execute("reset role")
@@ -318,9 +330,13 @@ def test_bad_upcoming_and_findings_are_refused() -> None:
 # -- the command line --------------------------------------------------------------------
 
 
-def listener(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    full = {k: v for k, v in os.environ.items()
+def clean_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items()
             if not k.startswith(("RULE", "DATABASE_URL", "SUPABASE", "MQTT", "RESEND", "OPS_"))}
+
+
+def listener(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    full = clean_env()
     full.update(env)
     return subprocess.run([sys.executable, "-m", "listener", *args], capture_output=True,
                           text=True, env=full, timeout=120)
@@ -374,7 +390,8 @@ async def test_ops_report_needs_its_token(ledger_db: str, monkeypatch: pytest.Mo
     async with OpsServer(Readiness(), report=page, token=token) as on:
         assert (await fetch(on.port, "/report"))[0] == 401
         assert (await fetch(on.port, "/report?token=wrong"))[0] == 401
-        assert (await fetch(on.port, "/report", headers={"Authorization": "Bearer wrong"}))[0] == 401
+        wrong = {"Authorization": "Bearer wrong"}
+        assert (await fetch(on.port, "/report", headers=wrong))[0] == 401
         status, body, headers = await fetch(on.port, "/report",
                                             headers={"Authorization": f"Bearer {token}"})
         assert status == 200 and "request_expiry" in body and "<script" not in body

@@ -57,9 +57,10 @@ as $$
 $$;
 
 -- The figures of the report over [p_since, p_until), by the instant each
--- action fired (the ledger's index on fired_at serves the window). Outcomes are the finished states; claims still open are listed
--- apart (whatever their age), as is the lease. Lateness histograms count into
--- fixed buckets (edges in ms) so reports of different windows compare.
+-- action fired (the ledger's index on fired_at serves the window). Outcomes
+-- are the finished states; claims still open are listed apart (whatever their
+-- age), as is the lease. Lateness histograms count into fixed buckets (edges
+-- in ms) so reports of different windows compare.
 create or replace function public.listener_report_v1(p_since timestamptz, p_until timestamptz)
 returns jsonb
 language plpgsql

@@ -12,10 +12,14 @@ from __future__ import annotations
 import enum
 from typing import Any, Iterable, Mapping
 
+from listener.adapters.calls import Call, Shape, SqlType
 from listener.instants import Instant, format_instant
 from listener.rules.model import Outcome
 
-REPORT_FUNCTION = "listener_report_v1"
+# The one call, described like every other SQL function the listener calls, so
+# psycopg and PostgREST send the same named arguments.
+REPORT = Call("listener_report_v1", (("p_since", SqlType.TIMESTAMPTZ),
+                                     ("p_until", SqlType.TIMESTAMPTZ)), Shape.OBJECT)
 
 # In the order every format shows them.
 OUTCOMES: tuple[Outcome, ...] = (Outcome.FIRED, Outcome.SKIPPED, Outcome.LATE, Outcome.FAILED)
@@ -38,36 +42,34 @@ class ReportError(Exception):
     """The figures could not be gathered or did not have the expected shape."""
 
 
-def report_params(since: Instant, until: Instant) -> dict[str, str]:
-    """The function's named arguments, as text both psycopg and PostgREST accept."""
+def report_args(since: Instant, until: Instant) -> dict[str, Instant]:
     if until <= since:
         raise ReportError(f"the window is empty: {format_instant(since)} to "
                           f"{format_instant(until)}")
-    return {"p_since": format_instant(since), "p_until": format_instant(until)}
+    return {"p_since": since, "p_until": until}
 
 
 async def figures_over_sql(conninfo: str, since: Instant, until: Instant) -> dict[str, Any]:
     """The ledger's figures over a SQL connection (DATABASE_URL or the embedded database)."""
     import psycopg
 
-    params = report_params(since, until)
+    args = report_args(since, until)
     async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
-        cursor = await conn.execute(
-            f"select public.{REPORT_FUNCTION}(%(p_since)s::timestamptz, %(p_until)s::timestamptz)",
-            params)
+        cursor = await conn.execute(REPORT.sql(), REPORT.sql_args(args))
         row = await cursor.fetchone()
     return _checked(row[0] if row else None)
 
 
 async def figures_over_rpc(client: Any, since: Instant, until: Instant) -> dict[str, Any]:
     """The same figures through supabase-py's async client (``client.rpc``)."""
-    response = await client.rpc(REPORT_FUNCTION, report_params(since, until)).execute()
+    response = await client.rpc(REPORT.function,
+                                REPORT.json_args(report_args(since, until))).execute()
     return _checked(response.data)
 
 
 def _checked(raw: Any) -> dict[str, Any]:
     if not isinstance(raw, dict) or not isinstance(raw.get("rules"), list):
-        raise ReportError(f"{REPORT_FUNCTION} answered {str(raw)[:200]!r}: is the migration "
+        raise ReportError(f"{REPORT.function} answered {str(raw)[:200]!r}: is the migration "
                           "0008_report.sql applied?")
     return raw
 
@@ -144,6 +146,6 @@ def window(until: Instant, length: int) -> tuple[Instant, Instant]:
     return until - length, until
 
 
-__all__ = ["FINDING_FIELDS", "HEALTH_FIELDS", "OUTCOMES", "PERCENTILES", "REPORT_FUNCTION", "ReportError", "Step",
+__all__ = ["FINDING_FIELDS", "HEALTH_FIELDS", "OUTCOMES", "PERCENTILES", "ReportError", "Step",
            "UPCOMING_FIELDS", "assemble", "figures_over_rpc", "figures_over_sql",
-           "report_params", "window"]
+           "REPORT", "report_args", "window"]

@@ -49,7 +49,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     out += ["", "## Lateness", ""]
     if report["rules"]:
         out += table(["rule", "table"] + list(PERCENTILES),
-                     [[r["rule"], r["table"]] + [format_ms(r["lateness_ms"][p]) for p in PERCENTILES]
+                     [[r["rule"], r["table"]]
+                      + [format_ms(r["lateness_ms"][p]) for p in PERCENTILES]
                       for r in report["rules"]])
     else:
         out.append("No lateness measured in this window.")

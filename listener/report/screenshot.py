@@ -1,8 +1,8 @@
 """The README's picture of the report: ``python -m listener.report.screenshot docs/report.png``.
 
 Fills a throwaway database with a week of a plausible ledger up to now (a
-fixed seed: the picture changes only in its dates, unless the page does), renders the HTML report from it
-and photographs it with headless Chromium. The database is an embedded
+fixed seed: the picture changes only in its dates, unless the page does),
+renders the HTML report from it and photographs it with headless Chromium. The database is an embedded
 PostgreSQL in a temporary folder, or a scratch database created on the server
 given with ``--server`` (a conninfo allowed to create databases) and dropped
 afterwards.

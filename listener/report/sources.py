@@ -7,7 +7,8 @@ daemon's rule evaluation knows what is due, only the audit what is missing.
 """
 from __future__ import annotations
 
-from typing import Any, Awaitable, Callable, Iterable, Mapping
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Mapping
 
 from listener.instants import DAY, Instant
 from listener.report.figures import assemble, figures_over_rpc, figures_over_sql, window
@@ -29,6 +30,19 @@ def rpc_source(client: Any) -> FigureSource:
     async def figures(since: Instant, until: Instant) -> dict[str, Any]:
         return await figures_over_rpc(client, since, until)
     return figures
+
+
+@asynccontextmanager
+async def supabase_client(url: str, key: str) -> AsyncIterator[Any]:
+    """supabase-py's async client on an HTTP client closed on the way out."""
+    import httpx
+    from supabase import AsyncClientOptions, acreate_client
+
+    async with httpx.AsyncClient(timeout=httpx.Timeout(60.0, connect=10.0),
+                                 follow_redirects=True) as http:
+        options = AsyncClientOptions(httpx_client=http, auto_refresh_token=False,
+                                     persist_session=False)
+        yield await acreate_client(url, key, options)
 
 
 async def build_report(source: FigureSource, since: Instant, until: Instant, *,
