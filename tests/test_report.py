@@ -327,6 +327,14 @@ def test_bad_upcoming_and_findings_are_refused() -> None:
         assemble(raw, findings=[{"kind": "overdue", "message": "m"}])
 
 
+def test_an_empty_ledger_still_makes_a_report(ledger_db: str) -> None:
+    report = known_report(ledger_db)
+    assert report["rules"] == [] and report["totals"]["fired"] == 0
+    assert "No action finished in this window." in render(report, ReportFormat.HTML)
+    assert "Nothing due." in render(report, ReportFormat.MARKDOWN)
+    assert json.loads(render(report, ReportFormat.JSON))["histogram"]["counts"] == [0] * 18
+
+
 # -- the command line --------------------------------------------------------------------
 
 
