@@ -221,6 +221,68 @@ def plan(as_json: bool = typer.Option(False, "--json", help="JSON Lines instead 
         typer.echo("(nothing due)")
 
 
+@app.command("report")
+def report_command(
+    since: str = typer.Option("7d", help="window length (7d, 24h) or its start (an ISO instant)"),
+    out: Optional[str] = typer.Option(None, help="write to this file instead of stdout"),
+    form: str = typer.Option("html", "--format", help="html, md or json"),
+) -> None:
+    """The operations report from the ledger: actions, lateness, failures, claims."""
+    from pathlib import Path
+
+    from listener.clock import WallClock
+    from listener.instants import format_instant, parse_duration
+    from listener.report import ReportError, ReportFormat, render
+    from listener.report.sources import build_report, rpc_source, sql_source, supabase_client
+    from listener.runtime import ConfigError, database_conninfo
+
+    try:
+        report_format = ReportFormat(form)
+    except ValueError:
+        fail(f"--format: {form!r} is not one of html, md, json")
+    settings, _ = _configured()
+    until = WallClock().now()
+    try:
+        start = until - parse_duration(since)
+    except ValueError:
+        try:
+            start = parse_instant(since)
+        except BadInstant:
+            start = None
+    if start is None or start >= until:
+        fail(f"--since: {since!r} is neither a duration (7d, 24h) nor an instant in the past")
+
+    async def gather():
+        # TODO(lead): upcoming = the actions due in the next 24 h as {at, rule, table,
+        # row_id}, from the same evaluation `plan` runs once it reads rows of any table;
+        # findings = `listener audit`'s findings once that lands.
+        if settings.backend == "supabase":
+            key = settings.supabase_service_role_key.get_secret_value()
+            async with supabase_client(settings.supabase_url, key) as client:
+                return await build_report(rpc_source(client), start, until)
+        conninfo = await asyncio.to_thread(database_conninfo, settings)
+        return await build_report(sql_source(conninfo), start, until)
+
+    try:
+        text = render(asyncio.run(gather()), report_format)
+    except ConfigError as exc:
+        fail(str(exc))
+    except ReportError as exc:
+        fail(str(exc))
+    except Exception as exc:  # noqa: BLE001 - a database or network error: one line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        fail(f"report failed: {first}")
+    if out is None:
+        sys.stdout.write(text)
+        return
+    try:
+        Path(out).write_text(text, encoding="utf-8")
+    except OSError as exc:
+        fail(f"cannot write {out}: {exc.strerror}")
+    typer.echo(f"{out}: {report_format.value} report from {format_instant(start)} to "
+               f"{format_instant(until)}", err=True)
+
+
 @app.command()
 def demo(timeout: float = typer.Option(240, help="give up after this many seconds")) -> None:
     """The daemon on the embedded database with simulated sessions, until every rule fired."""

@@ -56,6 +56,8 @@ class Settings(BaseSettings):
     lease_ttl: int = 15 * 1_000_000
     ops_port: int | None = None
     ops_host: str = "127.0.0.1"
+    # /report on the ops port is served only with this token (bearer or ?token=).
+    ops_token: SecretStr | None = None
     listener_data_dir: Path = Path(".listener")
     instance_name: str | None = None
 
@@ -78,6 +80,12 @@ class Settings(BaseSettings):
             raise _config_error("WEBHOOK_SECRET must be at least 16 characters "
                                 "(for example: openssl rand -hex 32)")
         return self
+
+    @field_validator("ops_token", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        # OPS_TOKEN= (set but empty) must not turn /report on with an empty token.
+        return None if isinstance(value, str) and not value.strip() else value
 
     @property
     def backend(self) -> str:
