@@ -282,7 +282,7 @@ class Term:
         self.executor = Executor(self.engine, self.store, self.clock, fence,
                                  deliverer=daemon.deliverer, publisher=daemon.publisher,
                                  webhooks=daemon.webhooks, on_result=daemon.on_result,
-                                 background=self._spawn)
+                                 background=self._spawn, on_transient=self._store_trouble)
         self._changes: asyncio.Queue[Change] = asyncio.Queue(QUEUE_LIMIT)
         self._wake: asyncio.Future[None] | None = None
         self._sweep_requested = asyncio.Event()
@@ -387,6 +387,12 @@ class Term:
                 # The claim stays unfinished: the next sweep resumes it.
                 metrics.BUGS.labels("effects").inc()
                 log.error("bug", part="effects", error=repr(exc)[:300], exc_info=exc)
+
+    def _store_trouble(self, exc: BaseException) -> None:
+        """An action met an unavailable database and was given back: note it, and
+        sweep again in a second, which re-arms it and resumes its claim."""
+        self.readiness.store_down(exc)
+        asyncio.get_running_loop().call_later(1.0, self._sweep_requested.set)
 
     def _lose(self, why: BaseException) -> None:
         if not self._lost.done():

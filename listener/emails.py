@@ -32,6 +32,8 @@ import structlog
 from jinja2 import Environment, PackageLoader, StrictUndefined, Template
 
 from listener.effects import OutgoingEmail
+from listener.errors import is_transient
+from listener.retry import retrying
 from listener.executor import Deliverer
 from listener.instants import DAY, HOUR, MINUTE, SECOND, Instant, format_instant, to_datetime
 from listener.mailer import Mailer
@@ -296,7 +298,13 @@ class EmailDeliverer(Deliverer):
         if not roles:
             return {}
         try:
-            contacts = await self.store.contacts(key.table, key.row_key)
+            # A dropped connection is not a missing address: retried like a
+            # transient email error, and the action fails only if it persists.
+            contacts = await retrying(lambda: self.store.contacts(key.table, key.row_key),
+                                      attempts=5, give_up_after=30.0, retry_on=is_transient,
+                                      event="contacts_retry",
+                                      context={"rule": key.rule, "table": key.table,
+                                               "row_id": key.row_key})
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - recorded per recipient

@@ -19,6 +19,8 @@ from listener import logs, metrics
 from listener.clock import Clock
 from listener.effects import ActionEvent, EventPublisher, WebhookPort
 from listener.engine import Decision, Engine, Timer
+from listener.errors import is_transient
+from listener.retry import retrying
 from listener.instants import format_instant
 from listener.rows import BadRow, RowState
 from listener.rules.model import Outcome, Rule
@@ -30,6 +32,11 @@ log = structlog.get_logger("listener.action")
 
 # The row may change between deciding and acting; re-decide this many times.
 MAX_STALE_RETRIES = 3
+# Reads and completions that meet an unavailable database are retried (they are
+# safe to repeat); a claim is not: its answer may be lost after it committed,
+# and the ledger, read by the next sweep, says what happened.
+STORE_ATTEMPTS = 5
+STORE_GIVE_UP_S = 30.0
 # Timeline levels the app's session_logs accepts, by outcome.
 TIMELINE_LEVEL = {Outcome.FIRED: "info", Outcome.LATE: "warn", Outcome.FAILED: "error"}
 
@@ -64,7 +71,8 @@ class Executor:
                  webhooks: WebhookPort | None = None,
                  on_result: Callable[[ActionResult], None] | None = None,
                  background: Callable[[Awaitable[None]], Any] | None = None,
-                 timeline: bool = True) -> None:
+                 timeline: bool = True,
+                 on_transient: Callable[[BaseException], None] | None = None) -> None:
         self.engine = engine
         self.store = store
         self.clock = clock
@@ -75,6 +83,9 @@ class Executor:
         self.on_result = on_result
         # Whether actions write the app's timeline rows (replay has no app to show them to).
         self.timeline = timeline
+        # Told when an action met an unavailable database and was given back:
+        # live, the daemon sweeps again soon rather than an interval later.
+        self.on_transient = on_transient
         self._messages: dict[tuple[str, Outcome], str] = {}
         # Emails and webhooks may be slow (rate limits, retries): live, they run
         # in the background so the status changes of other rows never wait.
@@ -101,11 +112,20 @@ class Executor:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - one action's failure must not stop the loop
-            # Give the timer back: the next reconcile re-arms it (catch-up), and
-            # the ledger claim, if made, is resumed as unfinished.
+            # Give the timer back: the next sweep re-arms it (catch-up), and the
+            # ledger claim, if made, is resumed as unfinished.
             self.engine.release(timer)
-            log.error("action_error", rule=timer.rule.name, table=timer.table,
-                      row_id=timer.key, due_at=format_instant(timer.due), error=repr(exc))
+            if is_transient(exc):
+                log.warning("action_deferred", rule=timer.rule.name, table=timer.table,
+                            row_id=timer.key, due_at=format_instant(timer.due),
+                            error=str(exc)[:300])
+                if self.on_transient is not None:
+                    self.on_transient(exc)
+            else:
+                metrics.BUGS.labels("action").inc()
+                log.exception("action_error", rule=timer.rule.name, table=timer.table,
+                              row_id=timer.key, due_at=format_instant(timer.due),
+                              error=repr(exc)[:300])
             return None
         finally:
             if key not in self._effecting:
@@ -131,7 +151,7 @@ class Executor:
     async def _current(self, table: str, key: str,
                        at: int) -> tuple[dict[str, Any] | None, RowState | None]:
         """The row as the database has it now, parsed."""
-        row = await self.store.read_row(table, key)
+        row = await self._retried(lambda: self.store.read_row(table, key), "read_row")
         if row is None:
             return None, None
         try:
@@ -347,12 +367,19 @@ class Executor:
         outcome = Outcome.FAILED if failed else decision.outcome
         result = ActionResult(key, fired_at, outcome, status, reason, decision.recipients,
                               detail, rule.webhook if webhook else None)
-        recorded = await self.store.complete(key, self.fence, outcome.value, fired_at,
-                                             result.lateness_ms, detail,
-                                             self._timeline(rule, key, outcome, fired_at, detail))
+        timeline = self._timeline(rule, key, outcome, fired_at, detail)
+        recorded = await self._retried(lambda: self.store.complete(
+            key, self.fence, outcome.value, fired_at, result.lateness_ms, detail, timeline),
+            "complete")
         if not recorded:
             log.warning("complete_fenced", rule=key.rule, table=key.table, row_id=key.row_key)
         return self._report(result)
+
+    @staticmethod
+    async def _retried(call: Callable[[], Awaitable[Any]], what: str) -> Any:
+        return await retrying(call, attempts=STORE_ATTEMPTS, give_up_after=STORE_GIVE_UP_S,
+                              retry_on=is_transient, event="store_retry",
+                              context={"call": what})
 
     def _report(self, result: ActionResult) -> ActionResult:
         key = result.key

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+import psycopg
 from psycopg.rows import tuple_row
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from listener.adapters.calls import PAGE, Call, CallingStore
+from listener.errors import classify_db_error
 from listener.rules.model import Recipient
 from listener.rules.query import TableQuery
 
@@ -28,10 +30,16 @@ class SqlStore(CallingStore):
         await self.pool.close()
 
     async def invoke(self, call: Call, args: dict[str, Any]) -> Any:
-        async with self.pool.connection() as conn:
-            cur = await conn.cursor(row_factory=tuple_row).execute(call.sql(), call.sql_args(args))
-            row = await cur.fetchone()
-            return None if row is None else row[0]
+        # Driver errors become StoreUnavailable or StoreRefused here, at the edge:
+        # the daemon branches on those, never on psycopg's classes.
+        try:
+            async with self.pool.connection() as conn:
+                cur = await conn.cursor(row_factory=tuple_row).execute(call.sql(),
+                                                                       call.sql_args(args))
+                row = await cur.fetchone()
+                return None if row is None else row[0]
+        except (psycopg.Error, PoolTimeout, OSError, TimeoutError) as exc:
+            raise classify_db_error(exc, operation=call.function) from exc
 
     async def ping(self) -> bool:
         async with self.pool.connection() as conn:

@@ -27,6 +27,7 @@ from tenacity import (
     stop_after_delay, wait_exponential_jitter)
 
 from listener import metrics
+from listener.errors import Refusal, StoreError, StoreRefused, StoreUnavailable
 from listener.adapters.calls import (
     COMPLETE, FIRE, PAGE, BadAnswer, Call, CallingStore, fired_from_json)
 from listener.changes import CHANGE_TYPES, BadChange, Change, key_of
@@ -47,27 +48,32 @@ MIGRATE_HINT = ("run `listener migrate --print` and paste the output into the Su
 # --------------------------------------------------------------------------- errors
 
 
-class RpcError(Exception):
+class RpcError(StoreError):
     """A PostgREST RPC failed. The message names the function, never the key."""
 
     def __init__(self, function: str, message: str, *, status: int | None = None,
                  code: str | None = None) -> None:
-        super().__init__(message)
+        super().__init__(message, sqlstate=code, status=status, operation=function)
         self.function = function
-        self.status = status
         self.code = code
 
 
-class RpcUnavailable(RpcError):
+class RpcUnavailable(RpcError, StoreUnavailable):
     """5xx, timeout or connection error: transient, and the outcome may be unknown."""
 
+    retry_after: float | None = None
 
-class RpcConfigError(RpcError):
+
+class RpcConfigError(RpcError, StoreRefused):
     """The project is not set up for the listener (missing function, grant, key, schema)."""
 
+    reason = Refusal.MISSING
 
-class RpcCallError(RpcError):
+
+class RpcCallError(RpcError, StoreRefused):
     """Any other 4xx: the call itself was refused (a bug or bad input); not retried."""
+
+    reason = Refusal.OTHER
 
 
 class _HttpStatus(Exception):
