@@ -581,6 +581,9 @@ class Term:
             metrics.RECONCILE_DRIFT.inc(drift)
         log.info("reconciled", rows=count, drift=drift, armed=engine.armed,
                  first=not self._swept_once)
+        note = getattr(self.store, "note_reconcile", None)
+        if note is not None:
+            await note(self.fence.holder, self.clock.now(), drift)
         self._swept_once = True
         await self.events.note_sweep()
         if self.readiness.source_subscribed and self.readiness.role == "active":

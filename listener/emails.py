@@ -280,17 +280,33 @@ class EmailComposer:
 # -- delivering ----------------------------------------------------------------------------
 
 class EmailDeliverer(Deliverer):
-    """The executor's email port: one email per recipient role, through the Mailer.
+    """The executor's email port: the emails of one action, through the Mailer.
 
     Returns {role: error} for every role that did not get its email, a missing
     or invalid address included (a failure recorded in the ledger, never a
-    silent skip). Cancellation (shutdown) propagates.
+    silent skip). Cancellation (shutdown) propagates. An action's emails go to
+    the mailer in one call, so they travel in one batch; the batch is frozen
+    in the ledger (`freeze`) under this term's fence before it is sent.
     """
 
     def __init__(self, store: Store, composer: EmailComposer, mail: Mailer) -> None:
         self.store = store
         self.composer = composer
         self.mail = mail
+        # Set by the executor of each lease term: a batch is recorded only by
+        # the instance that holds the lease.
+        self.fence: Any = None
+        if getattr(store, "freeze_batch", None) is not None and mail.freeze is None:
+            mail.freeze = self.freeze
+
+    async def freeze(self, batch_key: str, payload: Any, members: Any,
+                     supersedes: str | None = None) -> Any:
+        from listener.email_batch import FreezeRefused, frozen_batches
+
+        if self.fence is None:
+            raise FreezeRefused("no lease held")
+        return frozen_batches(await self.store.freeze_batch(  # type: ignore[attr-defined]
+            batch_key, list(payload), list(members), self.fence, supersedes))
 
     async def deliver(self, key: ActionKey, recipients: tuple[str, ...],
                       row: dict[str, Any]) -> dict[str, str]:
@@ -310,22 +326,24 @@ class EmailDeliverer(Deliverer):
         except Exception as exc:  # noqa: BLE001 - recorded per recipient
             error = f"contacts lookup failed: {type(exc).__name__}: {exc}"
             return {role: error for role in roles}
-        results = await asyncio.gather(*(self._one(key, role, row, contacts) for role in roles))
-        return {role: error for role, error in zip(roles, results) if error is not None}
-
-    async def _one(self, key: ActionKey, role: str, row: dict[str, Any],
-                   contacts: Mapping[str, Contact]) -> str | None:
-        try:
-            email = self.composer.compose(key, role, row, contacts)
-        except EmailCompositionError as exc:
-            log.warning("email_not_composed", rule=key.rule, table=key.table, row_id=key.row_key,
-                        role=role, error=str(exc))
-            return str(exc)
-        except Exception as exc:  # noqa: BLE001 - a template bug fails this email only
-            log.error("email_template_error", rule=key.rule, table=key.table, row_id=key.row_key,
-                      role=role, error=repr(exc))
-            return f"email template error: {type(exc).__name__}: {exc}"
-        delivery = await self.mail.deliver(email)
-        if delivery.ok:
-            return None
-        return delivery.error or f"not sent after {delivery.attempts} attempts"
+        errors: dict[str, str] = {}
+        emails: list[OutgoingEmail] = []
+        sent_roles: list[str] = []
+        for role in roles:
+            try:
+                emails.append(self.composer.compose(key, role, row, contacts))
+                sent_roles.append(role)
+            except EmailCompositionError as exc:
+                log.warning("email_not_composed", rule=key.rule, table=key.table,
+                            row_id=key.row_key, role=role, error=str(exc))
+                errors[role] = str(exc)
+            except Exception as exc:  # noqa: BLE001 - a template bug fails this email only
+                log.error("email_template_error", rule=key.rule, table=key.table,
+                          row_id=key.row_key, role=role, error=repr(exc))
+                errors[role] = f"email template error: {type(exc).__name__}: {exc}"
+        if emails:
+            results = await self.mail.send(key, emails)
+            for role, error in zip(sent_roles, results):
+                if error is not None:
+                    errors[role] = error
+        return errors

@@ -78,6 +78,8 @@ class Executor:
         self.clock = clock
         self.fence = fence
         self.deliverer = deliverer
+        if deliverer is not None and hasattr(deliverer, "fence"):
+            deliverer.fence = fence  # emails of this term are recorded under its fence
         self.publisher = publisher
         self.webhooks = webhooks
         self.on_result = on_result

@@ -126,10 +126,15 @@ LEASE_ACQUIRE = Call("listener_lease_acquire", (("p_holder", T), ("p_ttl_ms", I)
 LEASE_RENEW = Call("listener_lease_renew",
                    (("p_holder", T), ("p_token", BI), ("p_ttl_ms", I)), Shape.VALUE)
 LEASE_RELEASE = Call("listener_lease_release", (("p_holder", T), ("p_token", BI)), Shape.VALUE)
+BATCH_FREEZE = Call("listener_batch_freeze_v1", (
+    ("p_batch_key", T), ("p_payload", J), ("p_members", J), ("p_holder", T), ("p_token", BI),
+    ("p_supersedes", T)), Shape.OBJECT)
+NOTE_RECONCILE = Call("listener_note_reconcile_v1",
+                      (("p_holder", T), ("p_at", TS), ("p_drift", BI)), Shape.VALUE)
 
 CALLS: tuple[Call, ...] = (TRACKED_ROWS, READ_ROW, CHANGED_ROWS, FIRE, COMPLETE,
                            UNFINISHED_CLAIMS, CONTACTS, DESCRIBE, LEASE_ACQUIRE, LEASE_RENEW,
-                           LEASE_RELEASE)
+                           LEASE_RELEASE, BATCH_FREEZE, NOTE_RECONCILE)
 
 
 class BadAnswer(ValueError):
@@ -327,6 +332,19 @@ class CallingStore:
         return contacts_from_json(await self._call(CONTACTS, {
             "p_table": table, "p_key_column": query.key, "p_key": key,
             "p_recipients": recipients}))
+
+    async def freeze_batch(self, batch_key: str, payload: list[dict[str, Any]],
+                           members: list[dict[str, Any]], fence: Fence,
+                           supersedes: str | None = None) -> Any:
+        """Record an email batch before its first attempt; the batches already
+        recorded for these actions (listener_batch_freeze_v1's answer)."""
+        return await self._call(BATCH_FREEZE, {
+            "p_batch_key": batch_key, "p_payload": payload, "p_members": members,
+            "p_holder": fence.holder, "p_token": fence.token, "p_supersedes": supersedes})
+
+    async def note_reconcile(self, holder: str, at: Instant, drift: int) -> None:
+        """For the admin views: the last full reconcile, by whom, how much drift."""
+        await self._call(NOTE_RECONCILE, {"p_holder": holder, "p_at": at, "p_drift": drift})
 
     # -- the lease -----------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ create table if not exists public.listener_health (
 alter table public.listener_health enable row level security;
 
 -- The daemon notes each finished reconcile (who ran it, how many rows differed).
-create or replace function public.listener_note_reconcile(p_holder text, p_at timestamptz,
+create or replace function public.listener_note_reconcile_v1(p_holder text, p_at timestamptz,
                                                           p_drift bigint default 0)
 returns void
 language sql
@@ -37,7 +37,7 @@ $$;
 
 -- Why an action failed, as one line: the executor's own words first, then the
 -- per-recipient email errors, then the webhook's answer, else the raw detail.
-create or replace function public.listener_report_reason(p_detail jsonb)
+create or replace function public.listener_report_reason_v1(p_detail jsonb)
 returns text
 language sql
 immutable
@@ -150,7 +150,7 @@ begin
     failures as (
         select l.rule, l.table_name, l.row_key, l.session_id, l.due_at, l.fired_at,
                l.completed_at, l.attempts, l.lateness_ms,
-               public.listener_report_reason(l.detail) as reason
+               public.listener_report_reason_v1(l.detail) as reason
           from public.listener_ledger l
          where l.fired_at >= p_since and l.fired_at < p_until and l.state = 'failed'
          order by l.fired_at desc
@@ -257,7 +257,7 @@ select l.rule,
 create or replace view public.listener_report_failures
 with (security_invoker = true) as
 select l.rule, l.table_name, l.row_key, l.session_id, l.due_at, l.fired_at, l.completed_at,
-       l.attempts, l.lateness_ms, public.listener_report_reason(l.detail) as reason, l.detail
+       l.attempts, l.lateness_ms, public.listener_report_reason_v1(l.detail) as reason, l.detail
   from public.listener_ledger l
  where l.state = 'failed' and l.fired_at >= now() - interval '7 days'
  order by l.fired_at desc;
@@ -299,8 +299,8 @@ begin
         public.listener_report_failures, public.listener_report_unfinished,
         public.listener_report_health from public;
     foreach fn in array array[
-        'public.listener_note_reconcile(text, timestamptz, bigint)',
-        'public.listener_report_reason(jsonb)',
+        'public.listener_note_reconcile_v1(text, timestamptz, bigint)',
+        'public.listener_report_reason_v1(jsonb)',
         'public.listener_report_v1(timestamptz, timestamptz)']
     loop
         execute format('revoke all on function %s from public', fn);
@@ -311,8 +311,8 @@ begin
                            'public.listener_report_failures, public.listener_report_unfinished, '
                            'public.listener_report_health from %I', api_role);
             foreach fn in array array[
-                'public.listener_note_reconcile(text, timestamptz, bigint)',
-                'public.listener_report_reason(jsonb)',
+                'public.listener_note_reconcile_v1(text, timestamptz, bigint)',
+                'public.listener_report_reason_v1(jsonb)',
                 'public.listener_report_v1(timestamptz, timestamptz)']
             loop
                 execute format('revoke all on function %s from %I', fn, api_role);
@@ -323,8 +323,8 @@ begin
         grant select, insert, update on public.listener_health to service_role;
         grant select on public.listener_report_daily, public.listener_report_failures,
             public.listener_report_unfinished, public.listener_report_health to service_role;
-        grant execute on function public.listener_note_reconcile(text, timestamptz, bigint),
-            public.listener_report_reason(jsonb),
+        grant execute on function public.listener_note_reconcile_v1(text, timestamptz, bigint),
+            public.listener_report_reason_v1(jsonb),
             public.listener_report_v1(timestamptz, timestamptz) to service_role;
     end if;
 end

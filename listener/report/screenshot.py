@@ -109,7 +109,7 @@ def fill_demo_ledger(conninfo: str, until: datetime, seed: int = 7) -> list[dict
             "fencing_token = excluded.fencing_token, expires_at = excluded.expires_at, "
             "acquired_at = excluded.acquired_at, renewed_at = excluded.renewed_at",
             (outage_to,))
-        conn.execute("select public.listener_note_reconcile('srv-7f2c', %s, 0)",
+        conn.execute("select public.listener_note_reconcile_v1('srv-7f2c', %s, 0)",
                      (until - timedelta(seconds=41),))
     soon = [("scheduled_reminder_1h", "sessions", 14), ("reservation_expiry",
              "slot_reservations", 22), ("plan_time_expiry", "sessions", 48),
