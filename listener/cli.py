@@ -125,7 +125,8 @@ def _configured(rules: Optional[list[str]] = None):
         configure_logging(settings.log_level)
     except ValueError as exc:
         fail(str(exc))
-    for secret in (settings.supabase_service_role_key, settings.resend_api_key):
+    for secret in (settings.supabase_service_role_key, settings.resend_api_key,
+                   settings.ops_token, settings.webhook_secret):
         if secret is not None:
             register_secret(secret.get_secret_value())
     for url in (settings.database_url, settings.mqtt_url):
@@ -226,21 +227,24 @@ def report_command(
     since: str = typer.Option("7d", help="window length (7d, 24h) or its start (an ISO instant)"),
     out: Optional[str] = typer.Option(None, help="write to this file instead of stdout"),
     form: str = typer.Option("html", "--format", help="html, md or json"),
+    rules: Optional[list[str]] = RULES_OPTION,
 ) -> None:
-    """The operations report from the ledger: actions, lateness, failures, claims."""
+    """The operations report from the ledger: actions, lateness, failures, claims,
+    what is due next, and the audit's findings."""
     from pathlib import Path
 
     from listener.clock import WallClock
-    from listener.instants import format_instant, parse_duration
+    from listener.instants import DAY, format_instant, parse_duration
     from listener.report import ReportError, ReportFormat, render
     from listener.report.sources import build_report, rpc_source, sql_source, supabase_client
-    from listener.runtime import ConfigError, database_conninfo
+    from listener.rules.query import table_queries
+    from listener.runtime import ConfigError, audit_findings, database_conninfo, upcoming_actions
 
     try:
         report_format = ReportFormat(form)
     except ValueError:
         fail(f"--format: {form!r} is not one of html, md, json")
-    settings, _ = _configured()
+    settings, table = _configured(rules)
     until = WallClock().now()
     try:
         start = until - parse_duration(since)
@@ -253,15 +257,19 @@ def report_command(
         fail(f"--since: {since!r} is neither a duration (7d, 24h) nor an instant in the past")
 
     async def gather():
-        # TODO(lead): upcoming = the actions due in the next 24 h as {at, rule, table,
-        # row_id}, from the same evaluation `plan` runs once it reads rows of any table;
-        # findings = `listener audit`'s findings once that lands.
+        now, due = await upcoming_actions(settings, table)
+        upcoming = [{"at": format_instant(i.due), "rule": i.rule, "table": i.table,
+                     "row_id": i.key} for i in due if i.due <= now + DAY]
+        findings = await asyncio.to_thread(audit_findings, settings, table)
         if settings.backend == "supabase":
             key = settings.supabase_service_role_key.get_secret_value()
             async with supabase_client(settings.supabase_url, key) as client:
-                return await build_report(rpc_source(client), start, until)
-        conninfo = await asyncio.to_thread(database_conninfo, settings)
-        return await build_report(sql_source(conninfo), start, until)
+                return await build_report(rpc_source(client), start, until,
+                                          upcoming=upcoming, findings=findings)
+        queries = table_queries(table, settings.max_notify_lateness)
+        conninfo = await asyncio.to_thread(database_conninfo, settings, queries)
+        return await build_report(sql_source(conninfo), start, until, upcoming=upcoming,
+                                  findings=findings)
 
     try:
         text = render(asyncio.run(gather()), report_format)
@@ -317,8 +325,7 @@ def audit(
     from datetime import timedelta
     from pathlib import Path
 
-    from listener.adapters.audit_source import (
-        AuditUnavailable, RpcAuditSource, SqlAuditSource)
+    from listener.adapters.audit_source import AuditUnavailable
     from listener.audit import Auditor, format_report
     from listener.instants import parse_duration
 
@@ -333,18 +340,10 @@ def audit(
         repo = Path(app_repo)
         if not repo.is_dir():
             fail(f"--app-repo: {app_repo} is not a directory")
-    try:
-        if settings.database_url:
-            source = SqlAuditSource(settings.database_url, timeout // 1000)
-        elif settings.backend == "supabase":
-            source = RpcAuditSource(settings.supabase_url,
-                                    settings.supabase_service_role_key.get_secret_value(),
-                                    timeout / 1_000_000 + 10)
-        else:
-            from listener.runtime import embedded_conninfo
+    from listener.runtime import audit_source
 
-            source = SqlAuditSource(embedded_conninfo(settings.listener_data_dir),
-                                    timeout // 1000)
+    try:
+        source = audit_source(settings, timeout)
     except AuditUnavailable as exc:
         fail(str(exc))
     try:

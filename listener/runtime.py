@@ -240,6 +240,34 @@ async def assemble(settings: Settings, ruleset: RuleSet, *, clock: Clock | None 
             await backend.close()
 
 
+def report_page(listener: Listener) -> Callable[[], Any] | None:
+    """What /report serves (when OPS_TOKEN is set): the last 7 days, with what
+    this instance has armed for the next 24 hours."""
+    from listener.clock import WallClock
+    from listener.instants import DAY, format_instant
+    from listener.report.sources import ops_page, rpc_source, sql_source
+
+    backend = listener.backend
+    if backend.name == "supabase":
+        client = getattr(backend.store, "client", None)
+        if client is None:
+            return None
+        source = rpc_source(client)
+    elif backend.conninfo:
+        source = sql_source(backend.conninfo)
+    else:
+        return None
+
+    def upcoming(until: int) -> list[dict[str, Any]]:
+        engine = listener.daemon.engine
+        if engine is None:
+            return []
+        return [{"at": format_instant(due), "rule": rule.name, "table": table, "row_id": key}
+                for due, rule, table, key in engine.upcoming() if due <= until + DAY]
+
+    return ops_page(source, WallClock().now, upcoming=upcoming)
+
+
 def install_signal_handlers(stop: asyncio.Event) -> None:
     """First SIGTERM/SIGINT: graceful stop. A second one: exit at once."""
     import os
@@ -271,8 +299,9 @@ async def serve(settings: Settings, ruleset: RuleSet, *, stop: asyncio.Event | N
     try:
         async with assemble(settings, ruleset, on_result=on_result,
                             readiness=readiness) as listener:
-            if settings.ops_port is not None:
-                ops = OpsServer(readiness, host=settings.ops_host, port=settings.ops_port)
+            ops = OpsServer.from_settings(settings, readiness,
+                                          report=report_page(listener))
+            if ops is not None:
                 port = await ops.start()
                 log.info("ops_listening", host=settings.ops_host, port=port)
             log.info("listener_started", backend=listener.backend.name,
@@ -324,3 +353,40 @@ async def upcoming_actions(settings: Settings, ruleset: RuleSet,
     items = [Upcoming(due, rule.name, table, key, statuses.get((table, key)))
              for due, rule, table, key in engine.upcoming()]
     return now, items[:limit] if limit is not None else items
+
+
+def audit_source(settings: Settings, timeout: int) -> Any:
+    """Where `listener audit` reads: SQL over DATABASE_URL (or the embedded
+    database), else Supabase RPC. `timeout` is the statement timeout (µs)."""
+    from listener.adapters.audit_source import RpcAuditSource, SqlAuditSource
+
+    if settings.database_url:
+        return SqlAuditSource(settings.database_url, timeout // 1000)
+    if settings.backend == "supabase":
+        assert settings.supabase_url and settings.supabase_service_role_key is not None
+        return RpcAuditSource(settings.supabase_url,
+                              settings.supabase_service_role_key.get_secret_value(),
+                              timeout / 1_000_000 + 10)
+    return SqlAuditSource(embedded_conninfo(settings.listener_data_dir), timeout // 1000)
+
+
+def audit_findings(settings: Settings, ruleset: RuleSet) -> list[dict[str, Any]]:
+    """The audit's findings, as the report shows them; empty when it cannot run."""
+    from datetime import timedelta
+
+    from listener.adapters.audit_source import AuditUnavailable
+    from listener.audit import Auditor
+
+    try:
+        source = audit_source(settings, 30_000_000)
+    except AuditUnavailable:
+        return []
+    try:
+        grace = timedelta(microseconds=settings.reconcile_interval + 60_000_000)
+        report = Auditor(source, ruleset, grace=grace,
+                         max_notify_lateness=settings.max_notify_lateness).run(None)
+    except AuditUnavailable:
+        return []
+    finally:
+        source.close()
+    return list(report.as_json().get("findings", []))
