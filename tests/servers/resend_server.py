@@ -20,7 +20,10 @@ It checks requests the way Resend does (REFERENCE.md, Resend's error docs):
 Knobs: `fail_next(k, status=429|500|...)` answers the next k authorised
 requests with that error; `hang_next(k, seconds)` makes the next k requests
 that get as far as sending wait `seconds` before sending (the send still
-happens, as when a client times out but the provider went ahead).
+happens, as when a client times out but the provider went ahead);
+`hold()` makes every request that gets as far as sending wait, unanswered,
+until `release()` (`held` lists their idempotency keys meanwhile), so a test
+decides when emails go out.
 
 Records every request (`requests`) and every unique email sent
 (`delivered`). Runs in its own thread and event loop, so its timing does not
@@ -53,7 +56,7 @@ class RecordedRequest:
     body: Any
     status: int = 0
     idempotency_key: str | None = None
-    outcome: str = ""  # sent | replayed | rate_limited | injected | hang | error name
+    outcome: str = ""  # sent | replayed | rate_limited | injected | hang | held | error name
 
 
 @dataclass
@@ -99,6 +102,8 @@ class ResendServer:
         self._window: collections.deque[float] = collections.deque()
         self._faults: collections.deque[tuple[int, float]] = collections.deque()  # (status, retry_after)
         self._hangs: collections.deque[float] = collections.deque()
+        self._gate: asyncio.Event | None = None  # set while hold() is on
+        self._held: list[str | None] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
@@ -155,6 +160,25 @@ class ResendServer:
         """Hold the next `count` sends for `seconds` before sending them."""
         with self._lock:
             self._hangs.extend([seconds] * count)
+
+    def hold(self) -> None:
+        """From now on, hold every send, unanswered, until release()."""
+        with self._lock:
+            if self._gate is None:
+                self._gate = asyncio.Event()
+
+    def release(self) -> None:
+        """Let every held send go (and stop holding new ones)."""
+        with self._lock:
+            gate, self._gate = self._gate, None
+        if gate is not None and self._loop is not None:
+            self._loop.call_soon_threadsafe(gate.set)
+
+    @property
+    def held(self) -> list[str | None]:
+        """Idempotency keys of the sends being held now."""
+        with self._lock:
+            return list(self._held)
 
     def reset(self) -> None:
         with self._lock:
@@ -288,7 +312,17 @@ class ResendServer:
                     return web.json_response(entry.response, headers=rl_headers)
                 self._idem[key] = _Idem(digest=digest)
             hang = self._hangs.popleft() if self._hangs else 0.0
+            gate = self._gate
+            if gate is not None:
+                self._held.append(key)
 
+        if gate is not None:
+            rec.outcome = "held"
+            try:
+                await gate.wait()
+            finally:
+                with self._lock:
+                    self._held.remove(key)
         if hang:
             rec.outcome = "hang"
             await asyncio.sleep(hang)  # the client may give up; we send anyway
