@@ -104,6 +104,7 @@ class ResendServer:
         self._hangs: collections.deque[float] = collections.deque()
         self._gate: asyncio.Event | None = None  # set while hold() is on
         self._held: list[str | None] = []
+        self._stopping = False  # held sends are dropped, not sent, when the server stops
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
@@ -123,6 +124,9 @@ class ResendServer:
         return self
 
     def stop(self) -> None:
+        if self._loop is not None:
+            self._stopping = True
+            self.release()
         loop, self._loop = self._loop, None
         if loop is None:
             return
@@ -323,6 +327,9 @@ class ResendServer:
             finally:
                 with self._lock:
                     self._held.remove(key)
+            if self._stopping:
+                rec.outcome = "dropped"
+                return _err(503, "application_error", "Server stopping.")
         if hang:
             rec.outcome = "hang"
             await asyncio.sleep(hang)  # the client may give up; we send anyway
