@@ -39,6 +39,9 @@ Knobs:
 - `hang_next(k, seconds)`: the next k sends wait `seconds` before sending (the
   send still happens, as when a client times out but the provider went ahead);
 - `latency`: seconds every request waits before it is handled.
+- `hold()`: every request that gets as far as sending waits, unanswered,
+  until `release()` (`held` lists their idempotency keys meanwhile), so a
+  test decides when emails go out.
 
 Records every request (`requests`), every email sent (`delivered`), and
 `delivered_per_key()`: emails delivered under each idempotency key, so tests
@@ -76,7 +79,7 @@ class RecordedRequest:
     body: Any
     status: int = 0
     idempotency_key: str | None = None
-    outcome: str = ""  # sent | replayed | rate_limited | injected | hang | lost | error name
+    outcome: str = ""  # sent | replayed | rate_limited | injected | hang | lost | held | error name
 
 
 @dataclass
@@ -144,6 +147,9 @@ class ResendServer:
         self._faults: collections.deque[tuple[int, float]] = collections.deque()  # (status, retry_after)
         self._hangs: collections.deque[float] = collections.deque()
         self._losses: collections.deque[str] = collections.deque()
+        self._gate: asyncio.Event | None = None  # set while hold() is on
+        self._held: list[str | None] = []
+        self._stopping = False  # held sends are dropped, not sent, when the server stops
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
@@ -163,6 +169,9 @@ class ResendServer:
         return self
 
     def stop(self) -> None:
+        if self._loop is not None:
+            self._stopping = True
+            self.release()
         loop, self._loop = self._loop, None
         if loop is None:
             return
@@ -208,6 +217,24 @@ class ResendServer:
             raise ValueError("how is '500' or 'drop'")
         with self._lock:
             self._losses.extend([how] * count)
+    def hold(self) -> None:
+        """From now on, hold every send, unanswered, until release()."""
+        with self._lock:
+            if self._gate is None:
+                self._gate = asyncio.Event()
+
+    def release(self) -> None:
+        """Let every held send go (and stop holding new ones)."""
+        with self._lock:
+            gate, self._gate = self._gate, None
+        if gate is not None and self._loop is not None:
+            self._loop.call_soon_threadsafe(gate.set)
+
+    @property
+    def held(self) -> list[str | None]:
+        """Idempotency keys of the sends being held now."""
+        with self._lock:
+            return list(self._held)
 
     def reset(self) -> None:
         with self._lock:
@@ -414,7 +441,20 @@ class ResendServer:
                 self._idem[key] = _Idem(digest=digest)
             hang = self._hangs.popleft() if self._hangs else 0.0
             lose = self._losses.popleft() if self._losses else None
+            gate = self._gate
+            if gate is not None:
+                self._held.append(key)
 
+        if gate is not None:
+            rec.outcome = "held"
+            try:
+                await gate.wait()
+            finally:
+                with self._lock:
+                    self._held.remove(key)
+            if self._stopping:
+                rec.outcome = "dropped"
+                return _err(503, "application_error", "Server stopping.")
         if hang:
             rec.outcome = "hang"
             await asyncio.sleep(hang)  # the client may give up; we send anyway
