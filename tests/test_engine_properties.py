@@ -170,12 +170,13 @@ INSTANTS = st.sampled_from([-300, -20, 0, 10, 30, 100, 1500])
 
 
 @st.composite
-def session_record(draw, plans=PLANS) -> dict:
-    return row(draw(st.sampled_from(SESSION_KEYS)), draw(st.sampled_from(STATUSES)),
+def session_record(draw, plans=PLANS, statuses=STATUSES, starts=INSTANTS,
+                   expiries=INSTANTS) -> dict:
+    return row(draw(st.sampled_from(SESSION_KEYS)), draw(st.sampled_from(statuses)),
                plan=draw(st.sampled_from(plans)),
                mechanic_id=draw(st.sampled_from([None, MECH])),
-               scheduled_for=draw(maybe_time(INSTANTS)), started_at=draw(maybe_time(INSTANTS)),
-               expires_at=draw(maybe_time(INSTANTS)), ended_at=draw(maybe_time(INSTANTS)),
+               scheduled_for=draw(maybe_time(INSTANTS)), started_at=draw(maybe_time(starts)),
+               expires_at=draw(maybe_time(expiries)), ended_at=draw(maybe_time(INSTANTS)),
                summary_submitted_at=draw(maybe_time(INSTANTS)))
 
 
@@ -197,9 +198,10 @@ def extension_record(draw) -> dict:
 
 @st.composite
 def lifecycles(draw, tables=(SESSIONS, SESSIONS, HOLDS, EXTENSIONS), plans=PLANS,
-               steps=(0, 0, 0, 1, 2, 3, 5, 14, 15, 60, 200, 1500)) -> list[dict]:
+               steps=(0, 0, 0, 1, 2, 3, 5, 14, 15, 60, 200, 1500),
+               sessions=None) -> list[dict]:
     events, clock = [], 0
-    records = {SESSIONS: session_record(plans), HOLDS: hold_record(),
+    records = {SESSIONS: session_record(plans) if sessions is None else sessions, HOLDS: hold_record(),
                EXTENSIONS: extension_record()}
     for _ in range(draw(st.integers(1, 14))):
         clock += draw(st.sampled_from(steps))
@@ -260,6 +262,21 @@ def test_lifecycle_properties(events) -> None:
     instants = [r.fired_at for r in results]
     assert instants == sorted(instants), "the clock went back"
     # The whole output, in order: ties by due instant, rule order, then key.
+    assert as_lines(results) == Oracle(RULESET).run(events)
+
+
+# Live sessions with plans and extensions that come, change and go before the plan ends.
+PAID_TIME = lifecycles(
+    tables=(SESSIONS, EXTENSIONS), steps=(0, 1, 5, 10, 20),
+    sessions=session_record(statuses=["live", "live", "reconnecting", "completed"],
+                            starts=st.sampled_from([0, 10, 30]),
+                            expiries=st.sampled_from([20, 40, 60, 200])))
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(PAID_TIME)
+def test_paid_time_matches_the_oracle(events) -> None:
+    results, _ = run(events)
     assert as_lines(results) == Oracle(RULESET).run(events)
 
 
