@@ -292,6 +292,10 @@ class _Builder:
                                    f"{table_name}'s known_statuses")
             if not isinstance(reason, str) or not reason:
                 raise _fail(where, "set_status needs a reason")
+            if not statuses:
+                # The compare-and-set changes a row only while it is in one of the
+                # rule's statuses; with none listed it could never apply.
+                raise _fail(where, "set_status needs statuses (the statuses it may change)")
         elif reason is not None:
             raise _fail(where, "reason is only for set_status")
         set_columns = raw.get("set", {})
