@@ -23,6 +23,7 @@ from listener.instants import DURATION_FORMS, parse_duration
 from listener.rules.model import (
     Derived, Lateness, LookupTerm, Recipient, RecipientKind, RecipientSource, Rule, RuleSet,
     SumTerm, Table)
+from listener.rules.query import STATUS_CHANGED_AT
 
 NAME = re.compile(r"^[a-z0-9_]+$")
 IDENTIFIER = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -168,7 +169,8 @@ class _Builder:
         columns = None
         if "columns" in raw:
             columns = {_identifier(c, where, "column") for c in _strings(raw["columns"], where, "columns")}
-            columns |= {key, status}
+            # status_changed_at is the listener's own column, kept on every table it reads.
+            columns |= {key, status, STATUS_CHANGED_AT}
         derived: dict[str, Derived] = {}
         for dname, draw in (raw.get("derived") or {}).items():
             derived[dname] = self._derived(f"{where}: derived {dname}", dname, draw)
