@@ -15,6 +15,10 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
+import random
+import subprocess
+import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -358,3 +362,93 @@ def test_output_is_json_lines() -> None:
     out = io.StringIO()
     asyncio.run(run_replay([json.dumps(event(T0, "INSERT", row()))], RULESET, out, io.StringIO()))
     assert all(json.loads(line)["session_id"] == "s1" for line in out.getvalue().splitlines())
+
+
+# -- release 1 compatibility -------------------------------------------------------------
+
+RELEASE_1 = "fca1826"
+REPO = Path(__file__).resolve().parent.parent
+# Runs every log through one process's replay: {"logs": [[line, ...], ...]} -> outputs.
+REPLAY_MANY = """
+import asyncio, io, json, sys
+import listener
+from listener.replay import run_replay
+from listener.rules import load_rules
+logs = json.load(open(sys.argv[1]))
+rules = load_rules({})
+outputs = []
+for lines in logs:
+    out, err = io.StringIO(), io.StringIO()
+    asyncio.run(run_replay(lines, rules, out, err))
+    outputs.append(out.getvalue().splitlines())
+json.dump({"listener": listener.__file__, "outputs": outputs}, open(sys.argv[2], "w"))
+"""
+# What release 1 printed; release 2 adds the table, the row id and the webhook.
+RELEASE_2_FIELDS = ("table", "row_id", "webhook")
+
+
+def session_only_logs(count: int, seed: int) -> list[list[str]]:
+    """Logs release 1 could replay: sessions only, no plan, no extensions."""
+    rng = random.Random(seed)
+    minutes = [-1500, -300, -61, -20, 0, 3, 10, 30, 59, 100, 180, 1440, 1500]
+    logs = []
+    for _ in range(count):
+        clock, lines = 0, []
+        for _ in range(rng.randint(1, 15)):
+            clock += rng.choice([0, 0, 1, 2, 3, 5, 14, 15, 30, 60, 200, 1500])
+            stamp = clock + (rng.choice([-30, -1]) if rng.random() < 0.05 else 0)  # clock never goes back
+            sid = rng.choice(["a", "b", "c"])
+            kind = rng.choice(["INSERT", "UPDATE", "UPDATE", "UPDATE", "DELETE"])
+
+            def maybe() -> datetime | None:
+                return None if rng.random() < 0.5 else T0 + timedelta(minutes=rng.choice(minutes))
+
+            record = row(sid, rng.choice(STATUSES), mechanic_id=rng.choice([None, MECH]),
+                         scheduled_for=maybe(), started_at=maybe(), expires_at=maybe(),
+                         ended_at=maybe(), summary_submitted_at=maybe())
+            if rng.random() < 0.1:
+                record["status_changed_at"] = iso(T0 + timedelta(minutes=clock - rng.choice([0, 4, 90])))
+            if rng.random() < 0.03:
+                record["started_at"] = "not a time"
+            lines.append(json.dumps(event(T0 + timedelta(minutes=stamp), kind, record)))
+        logs.append(lines)
+    return logs
+
+
+def replay_many(root: Path, logs_file: Path, tmp_path: Path, name: str) -> dict:
+    script, result = tmp_path / "replay_many.py", tmp_path / f"{name}.json"
+    script.write_text(REPLAY_MANY)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("RULE_", "RULES_")) and k not in ("PLAN_MINUTES",
+                                                                  "MAX_NOTIFY_LATENESS")}
+    env["PYTHONPATH"] = str(root)
+    done = subprocess.run([sys.executable, str(script), str(logs_file), str(result)],
+                          capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    answer = json.loads(result.read_text())
+    assert answer["listener"].startswith(str(root)), answer["listener"]
+    return answer
+
+
+def test_sessions_output_is_release_ones_on_release_one_logs(tmp_path) -> None:
+    release_1 = tmp_path / "release1"
+    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(release_1),
+                    RELEASE_1], check=True, capture_output=True, timeout=60)
+    try:
+        logs = session_only_logs(200, seed=20260302)
+        logs_file = tmp_path / "logs.json"
+        logs_file.write_text(json.dumps(logs))
+        old = replay_many(release_1, logs_file, tmp_path, "release1")["outputs"]
+        new = replay_many(REPO, logs_file, tmp_path, "release2")["outputs"]
+    finally:
+        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(release_1)],
+                       capture_output=True, timeout=60)
+    assert sum(map(len, old)) > 500, "the logs should make release 1 act"
+    for number, (lines_1, lines_2) in enumerate(zip(old, new)):
+        ours = []
+        for line in lines_2:
+            obj = json.loads(line)
+            for field in RELEASE_2_FIELDS:
+                obj.pop(field, None)
+            ours.append(obj)
+        assert ours == [json.loads(x) for x in lines_1], f"log {number}: {logs[number]}"
