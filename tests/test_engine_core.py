@@ -152,3 +152,21 @@ def test_memory_per_tracked_session_is_under_a_kilobyte() -> None:
     used = tracemalloc.get_traced_memory()[0] - before
     tracemalloc.stop()
     assert used / 20_000 < 1024, f"{used / 20_000:.0f} bytes per session"
+
+
+def test_lateness_limits_are_inclusive() -> None:
+    e = engine()
+    e.upsert(SESSIONS, row("a", status="live", started_at=at(0)), T)
+    e.upsert(SESSIONS, row("b", status="scheduled", scheduled_for=at(2000)), T)
+    timers = {}
+    while (timer := e.pop_due(T + 3000 * MINUTE)) is not None:
+        timers[timer.rule.name] = timer
+    limit = timers["auto_end_max_duration"]
+    assert e.decide(limit, e.row(SESSIONS, "a"), limit.due + 60 * MINUTE).outcome is Outcome.FIRED
+    assert e.decide(limit, e.row(SESSIONS, "a"), limit.due + 60 * MINUTE + 1).outcome \
+        is Outcome.LATE
+    reminder = timers["scheduled_reminder_1h"]  # a quarter of an hour may pass, no more
+    assert e.decide(reminder, e.row(SESSIONS, "b"), reminder.due + 15 * MINUTE).outcome \
+        is Outcome.FIRED
+    assert e.decide(reminder, e.row(SESSIONS, "b"), reminder.due + 15 * MINUTE + 1).outcome \
+        is Outcome.SKIPPED

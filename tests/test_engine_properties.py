@@ -251,7 +251,7 @@ def as_lines(results) -> list[tuple]:
              r.key.due_at, r.status, r.reason, r.outcome is Outcome.LATE) for r in results]
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(lifecycles())
 def test_lifecycle_properties(events) -> None:
     results, seen = run(events)
@@ -288,7 +288,7 @@ def test_paid_time_matches_the_oracle(events) -> None:
 CROWDED = lifecycles(tables=(SESSIONS, HOLDS), steps=(0, 0, 5))
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(CROWDED)
 def test_crowded_ties_match_the_oracle(events) -> None:
     results, _ = run(events)
