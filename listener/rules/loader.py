@@ -88,8 +88,8 @@ def signed_duration(text: Any, where: str) -> int:
     try:
         return sign * (0 if body == "0" else parse_duration(body))
     except ValueError:
-        raise _fail(where, f"offset {text!r} is not a duration: use a signed {DURATION_FORMS}"
-                    .replace(", or off", "")) from None
+        raise _fail(where, f"offset {text!r} is not a duration: use an optional sign (+ or -) "
+                           f"and {DURATION_FORMS}".replace(", or off", "")) from None
 
 
 def _unit(text: Any, where: str) -> int:
