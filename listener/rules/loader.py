@@ -23,6 +23,7 @@ from listener.instants import DURATION_FORMS, parse_duration
 from listener.rules.model import (
     Derived, Lateness, LookupTerm, Recipient, RecipientKind, RecipientSource, Rule, RuleSet,
     SumTerm, Table)
+from listener.rules.query import STATUS_CHANGED_AT
 
 NAME = re.compile(r"^[a-z0-9_]+$")
 IDENTIFIER = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -87,8 +88,8 @@ def signed_duration(text: Any, where: str) -> int:
     try:
         return sign * (0 if body == "0" else parse_duration(body))
     except ValueError:
-        raise _fail(where, f"offset {text!r} is not a duration: use a signed {DURATION_FORMS}"
-                    .replace(", or off", "")) from None
+        raise _fail(where, f"offset {text!r} is not a duration: use an optional sign (+ or -) "
+                           f"and {DURATION_FORMS}".replace(", or off", "")) from None
 
 
 def _unit(text: Any, where: str) -> int:
@@ -168,7 +169,8 @@ class _Builder:
         columns = None
         if "columns" in raw:
             columns = {_identifier(c, where, "column") for c in _strings(raw["columns"], where, "columns")}
-            columns |= {key, status}
+            # status_changed_at is the listener's own column, kept on every table it reads.
+            columns |= {key, status, STATUS_CHANGED_AT}
         derived: dict[str, Derived] = {}
         for dname, draw in (raw.get("derived") or {}).items():
             derived[dname] = self._derived(f"{where}: derived {dname}", dname, draw)
@@ -295,6 +297,10 @@ class _Builder:
                                    f"{table_name}'s known_statuses")
             if not isinstance(reason, str) or not reason:
                 raise _fail(where, "set_status needs a reason")
+            if not statuses:
+                # The compare-and-set changes a row only while it is in one of the
+                # rule's statuses; with none listed it could never apply.
+                raise _fail(where, "set_status needs statuses (the statuses it may change)")
         elif reason is not None:
             raise _fail(where, "reason is only for set_status")
         set_columns = raw.get("set", {})
