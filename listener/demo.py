@@ -190,7 +190,7 @@ class Simulator:
     async def invite(self) -> None:
         async with await self._conn() as conn:
             sid = await app.insert_paid_session(conn, self.people["customer"], plan="chat10")
-            iid, _ = await app.create_session_invite(conn, sid, "participant",
+            iid, _ = await app.create_session_invite(conn, sid, "customer",
                                                      self.people["customer"])
         await self.retime("session_invite_expiry", iid, LEAD_S + 3)
 

@@ -123,7 +123,13 @@ async def retrying(fn: Callable[[], Awaitable[T]], *, attempts: int | None = Non
         sleep=sleep, stop=stop, wait=wait_equal_jitter(initial, maximum),
         retry=retry_if_exception(lambda e: isinstance(e, Exception) and retry_on(e)),
         before_sleep=log_retry, reraise=True)
-    return await controller(fn)
+
+    async def attempt() -> T:
+        # Awaited here: tenacity calls a plain callable (a lambda returning a
+        # coroutine) without awaiting what it returns.
+        return await fn()
+
+    return await controller(attempt)
 
 
 class Backoff:

@@ -154,3 +154,20 @@ def test_every_wait_is_within_half_and_all_of_its_ceiling(attempt: int, initial:
     wait = wait_equal_jitter(initial, initial + extra)
     ceiling = min(initial + extra, initial * 2.0 ** min(attempt - 1, 60))
     assert ceiling / 2 <= wait.delay(attempt) <= ceiling
+
+
+async def test_a_callable_returning_a_coroutine_is_awaited() -> None:
+    # The common call site: `retrying(lambda: store.read_row(table, key), ...)`.
+    calls = []
+
+    async def read(key: str) -> str:
+        calls.append(key)
+        if len(calls) == 1:
+            raise StoreUnavailable("connection dropped")
+        return f"row {key}"
+
+    async def sleep(_: float) -> None:
+        return None
+
+    assert await retrying(lambda: read("k"), attempts=3, sleep=sleep) == "row k"
+    assert calls == ["k", "k"]

@@ -13,7 +13,9 @@
 -- to tables outside this stand-in (intakes, vehicles, payments, ...) are left
 -- out too. Deliberate departures from the app are marked "stand-in:".
 
-create extension if not exists pgcrypto;
+-- gen_random_uuid() is built in (PostgreSQL 13+); the invite codes the app
+-- draws from pgcrypto come from it too, so the embedded server (which ships no
+-- pgcrypto) can hold this schema.
 
 -- ---------------------------------------------------------------------------
 -- auth.users: Supabase Auth. The listener reads id and email.
@@ -342,7 +344,7 @@ create table if not exists public.organization_members (
     role text not null check (role in ('owner', 'admin', 'member', 'viewer')),
     permissions jsonb default '{}'::jsonb,
     status text default 'pending',
-    invite_code text unique default encode(gen_random_bytes(16), 'hex'),
+    invite_code text unique default replace(gen_random_uuid()::text, '-', ''),
     invite_email text,
     invited_by uuid references auth.users (id),
     invited_at timestamptz default now(),
