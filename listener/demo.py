@@ -106,8 +106,13 @@ class Simulator:
             await self.sleep(6)  # nudged at 3 minutes, support alerted at 5
             await app.start_session(conn, sid)
             await self.sleep(20)
-            # A paid extension: 15 more minutes, and the app's too early expires_at.
+            # A paid extension: 15 more minutes, and the app's too early expires_at
+            # (started_at + 15 minutes; moved to scaled time like every deadline
+            # the app computes itself).
             await app.extend_session(conn, sid, 15, f"pi_demo_{uuid.uuid4().hex[:10]}")
+            await conn.execute("update public.sessions set expires_at = started_at "
+                               "+ make_interval(secs => %s) where id = %s",
+                               (self.seconds(15), sid))
             # The plan end (45 + 15 minutes after the start) ends it; the mechanic
             # never writes the summary.
 

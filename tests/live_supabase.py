@@ -15,15 +15,16 @@ from tests.live import LiveDaemon, eventually
 from tests.servers.postgrest_server import SERVICE_ROLE_KEY, SupabaseStack, setup_supabase_roles
 
 # The migrations whose grants name the API roles: re-run once the roles exist
-# (both files are idempotent: `create ... if not exists`, `create or replace`).
-GRANTING = ("0002_ledger_and_lease.sql", "0003_functions.sql")
+# (each file is idempotent: `create ... if not exists`, `create or replace`).
+GRANTING = ("0002_ledger_and_lease.sql", "0006_rows_of_any_table.sql", "0007_email_batches.sql",
+            "0008_report.sql", "0009_audit.sql")
 
 
 async def prepare_supabase_database(conninfo: str) -> None:
     """A migrated database as on a Supabase project: the API roles exist, and the
     listener's tables and functions are granted to service_role only."""
     await setup_supabase_roles(conninfo)
-    folder = resources.files("migrations")
+    folder = resources.files("listener.migrations")
     with psycopg.connect(conninfo, autocommit=True) as conn:
         for name in GRANTING:
             conn.execute(folder.joinpath(name).read_text(encoding="utf-8"))
@@ -51,4 +52,4 @@ class LiveSupabaseDaemon(LiveDaemon):
         """Wait for the source's n-th "Subscribed to PostgreSQL" and the sweep after it."""
         await eventually(lambda: self.source.subscriptions >= subscriptions
                          and self.daemon.readiness.source_subscribed
-                         and not self.daemon._sweep_requested.is_set(), timeout)
+                         and self.daemon.events.active.is_set(), timeout)

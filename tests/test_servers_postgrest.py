@@ -39,7 +39,8 @@ except ImportError:  # tests/ itself is on sys.path
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
-REFERENCE_SCHEMA = Path(__file__).resolve().parents[1] / "migrations" / "reference" / "0001_reference_app_schema.sql"
+REFERENCE_SCHEMA = (Path(__file__).resolve().parents[1] / "listener" / "migrations" / "reference"
+                    / "0001_reference_app_schema.sql")
 
 FUNCTIONS = r"""
 create table public.things (id int primary key, note text);

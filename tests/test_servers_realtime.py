@@ -23,7 +23,8 @@ try:
 except ImportError:  # tests/ itself is on sys.path
     from servers.realtime_server import ANON_KEY, SERVICE_ROLE_KEY, RealtimeServer, binding_id
 
-REFERENCE_SCHEMA = Path(__file__).resolve().parents[1] / "migrations" / "reference" / "0001_reference_app_schema.sql"
+REFERENCE_SCHEMA = (Path(__file__).resolve().parents[1] / "listener" / "migrations" / "reference"
+                    / "0001_reference_app_schema.sql")
 SUBSCRIBED = RealtimeSubscribeStates.SUBSCRIBED
 TIMED_OUT = RealtimeSubscribeStates.TIMED_OUT
 CHANNEL_ERROR = RealtimeSubscribeStates.CHANNEL_ERROR
