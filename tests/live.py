@@ -107,7 +107,8 @@ class LiveDaemon:
 
     async def __aenter__(self) -> "LiveDaemon":
         await self.store.open()
-        backend = Backend("postgres", self.store, self.source, self.conninfo)
+        backend = Backend("supabase" if self.conninfo is None else "postgres", self.store,
+                          self.source, self.conninfo)
         self.listener = await self._exit.enter_async_context(assemble(
             self.settings, self.table, backend=backend, sender=self.sender,
             publisher=self.publisher, holder=self.holder, email_rate=self.email_rate,

@@ -11,7 +11,11 @@ import psycopg
 
 from listener.adapters.supabase import RealtimeSource, RpcStore
 from listener.source import Backoff
-from tests.live import LiveDaemon, eventually
+from listener.instants import HOUR
+from listener.rules import load_rules
+from listener.rules.query import table_queries
+from listener.runtime import recipients_of
+from tests.live import FAST, LiveDaemon, eventually
 from tests.servers.postgrest_server import SERVICE_ROLE_KEY, SupabaseStack, setup_supabase_roles
 
 # The migrations whose grants name the API roles: re-run once the roles exist
@@ -39,14 +43,17 @@ class LiveSupabaseDaemon(LiveDaemon):
                  source_options: dict[str, Any] | None = None,
                  store_options: dict[str, Any] | None = None) -> None:
         self.stack = stack
-        store = RpcStore(stack.url, SERVICE_ROLE_KEY, timeout=httpx.Timeout(rpc_timeout_s),
+        rules = load_rules(env if env is not None else FAST)
+        queries = table_queries(rules, HOUR)
+        store = RpcStore(stack.url, SERVICE_ROLE_KEY, queries, recipients=recipients_of(rules),
+                         timeout=httpx.Timeout(rpc_timeout_s),
                          **{"max_attempts": 6, "retry_initial_s": 0.1, "retry_max_s": 1.0,
                             **(store_options or {})})
         options = {"join_timeout": 2.0, "subscribed_timeout": 5.0, "join_grace": 5.0,
                    "watch_interval": 0.2, "stable_after": 5.0,
                    "backoff": Backoff(initial=0.1, maximum=1.0), **(source_options or {})}
         super().__init__(None, outbox, env, holder, lease_ttl_s, reconcile_s, store=store,
-                         source=RealtimeSource(stack.url, SERVICE_ROLE_KEY, **options))
+                         source=RealtimeSource(stack.url, SERVICE_ROLE_KEY, queries, **options))
 
     async def resubscribed(self, subscriptions: int, timeout: float = 20.0) -> None:
         """Wait for the source's n-th "Subscribed to PostgreSQL" and the sweep after it."""
