@@ -302,7 +302,7 @@ class Mailer:
     async def deliver(self, email: OutgoingEmail) -> Delivery:
         """One email through `POST /emails` under its own key, no batching."""
         attempts = 0
-        ctx = {"rule": email.rule, "session_id": email.session_id, "role": email.role,
+        ctx = {"rule": email.rule, "table": email.table, "row_id": email.row_id, "role": email.role,
                "idempotency_key": email.idempotency_key}
 
         async def attempt() -> str:
@@ -477,7 +477,7 @@ class Mailer:
             group.settle(email, error)
             if error is not None:
                 EMAIL_FAILURES.inc()
-                log.warning("email_failed", rule=email.rule, session_id=email.session_id,
+                log.warning("email_failed", rule=email.rule, table=email.table, row_id=email.row_id,
                             role=email.role, idempotency_key=email.idempotency_key,
                             batch_key=key, error=error)
 

@@ -237,9 +237,12 @@ class ResendSender:
             "text": email.text,
             # Gmail threads mails with equal subjects; a unique ref keeps each apart.
             "headers": {REF_HEADER: email.idempotency_key},
+            # Emails of sessions keep release 1's tags, so one in flight across an
+            # upgrade is sent again with the same body under the same key.
             "tags": [
                 _tag("rule", email.rule),
-                _tag("session_id", email.session_id),
+                *([_tag("session_id", email.row_id)] if email.table == "sessions"
+                  else [_tag("table", email.table), _tag("row_id", email.row_id)]),
                 _tag("role", email.role),
             ],
         }
