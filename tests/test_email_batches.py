@@ -44,7 +44,7 @@ def emails_of(key: ActionKey, roles: tuple[str, ...] = ROLES) -> list[OutgoingEm
         sender="The Auto Doctor <noreply@example.com>",
         subject=f"Session {key.row_key[:8]} starts in 1 hour", html="<p>Soon &amp; here</p>",
         text="Soon & here", idempotency_key=f"{key.idempotency_key}/{role}",
-        rule=key.rule, session_id=key.row_key, role=role) for role in roles]
+        rule=key.rule, table=key.table, row_id=key.row_key, role=role) for role in roles]
 
 
 def fast(sender, freeze=None, **kw) -> Mailer:
