@@ -15,10 +15,11 @@ from listener.rules.query import TableQuery
 
 
 class SqlStore(CallingStore):
-    def __init__(self, conninfo: str, queries: Mapping[str, TableQuery], *,
+    def __init__(self, conninfo: str, queries: Mapping[str, TableQuery] | None = None, *,
                  recipients: Mapping[str, Mapping[str, Recipient]] | None = None,
                  min_size: int = 2, max_size: int = 10, page: int = PAGE) -> None:
-        super().__init__(queries, recipients=recipients, page=page)
+        # The queries may come later (Backend.use), once the rules are activated.
+        super().__init__(queries or {}, recipients=recipients, page=page)
         self.pool = AsyncConnectionPool(
             conninfo, min_size=min_size, max_size=max_size, open=False,
             kwargs={"autocommit": True, "prepare_threshold": None})
