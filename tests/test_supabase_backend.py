@@ -18,6 +18,7 @@ import psycopg
 import pytest
 from aiohttp import web
 
+from listener import daemon as daemon_module
 from listener.adapters.supabase import (
     RealtimeSource, RpcConfigError, RpcStore, change_from_realtime, open_supabase_backend)
 from listener.changes import BadChange, Change
@@ -258,7 +259,10 @@ async def test_no_subscribed_message_is_a_failure(database: str, stack: Supabase
 
 
 async def test_changes_dropped_while_away_are_found_by_the_sweep(
-        database: str, stack: SupabaseStack, tmp_path: Path) -> None:
+        database: str, stack: SupabaseStack, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # No incremental read in this test: only the sweep after the new subscription.
+    monkeypatch.setattr(daemon_module, "CATCH_UP_S", 3600.0)
     async with LiveSupabaseDaemon(stack, tmp_path) as live:
         await live.active()
         stack.realtime.drop_changes = True
@@ -273,6 +277,22 @@ async def test_changes_dropped_while_away_are_found_by_the_sweep(
         await all_fired(database, lost)
         assert_each_fired_once(database, tmp_path, live, lost)
         assert live.source.reconnects == 1
+
+
+async def test_changes_dropped_while_subscribed_are_found_by_the_incremental_read(
+        database: str, stack: SupabaseStack, tmp_path: Path) -> None:
+    # The stream looks healthy and loses changes: no reconnect, so no sweep; the
+    # incremental read (listener_changed_rows_v2) finds the rows within seconds.
+    async with LiveSupabaseDaemon(stack, tmp_path) as live:
+        await live.active()
+        sweeps = live.daemon.events.sweeps
+        stack.realtime.drop_changes = True
+        lost = [insert_session(database, status="pending") for _ in range(3)]
+        await eventually(lambda: stack.realtime.changes_dropped >= 3)
+        await all_fired(database, lost)
+        assert_each_fired_once(database, tmp_path, live, lost)
+        assert live.source.reconnects == 0 and live.daemon.events.sweeps == sweeps
+    assert any(c.function == "listener_changed_rows_v2" for c in stack.rest.calls)
 
 
 async def test_every_change_delivered_twice(database: str, stack: SupabaseStack,
