@@ -15,8 +15,10 @@ class ChangeSink(Protocol):
     def put(self, change: Change) -> None:
         """Queue one change; never blocks, never raises."""
 
-    def bad_input(self, kind: str, detail: str, session_id: str | None = None) -> None:
-        """A payload that could not be read: logged and counted."""
+    def bad_input(self, kind: str, detail: str, table: str | None = None,
+                  key: str | None = None) -> None:
+        """A payload that could not be read: logged (with its table and key when
+        known) and counted."""
 
     def subscribed(self, source: str) -> None:
         """The stream is live (again): changes from now on arrive, earlier ones

@@ -548,11 +548,12 @@ class RealtimeSource:
             change = change_from_realtime(payload, query, self.schema)
         except BadChange as exc:
             with contextlib.suppress(Exception):
-                sink.bad_input("realtime_payload", f"{exc}: {str(payload)[:200]}")
+                sink.bad_input("realtime_payload", f"{exc}: {str(payload)[:200]}", query.table)
             return
         except Exception as exc:  # noqa: BLE001
             with contextlib.suppress(Exception):
-                sink.bad_input("realtime_payload", f"unreadable ({exc!r}): {str(payload)[:200]}")
+                sink.bad_input("realtime_payload",
+                               f"unreadable ({exc!r}): {str(payload)[:200]}", query.table)
             return
         try:
             sink.put(change)
