@@ -29,6 +29,7 @@ from listener.engine import Engine, Timer
 from listener.executor import ActionResult, Deliverer, Executor
 from listener.instants import HOUR, SECOND, Instant
 from listener.ops import Readiness
+from listener.errors import is_transient
 from listener.retry import Backoff
 from listener.rows import BadRow
 from listener.supervision import supervise, unavailable
@@ -51,6 +52,9 @@ QUEUE_LIMIT = 100_000
 CATCH_UP_S = 2.0
 CATCH_UP_OVERLAP = 3 * SECOND
 CATCH_UP_PAGE = 2000
+# A timer whose action raised is handed back after this long.
+GIVE_BACK_TRANSIENT_S = 1.0
+GIVE_BACK_BUG_S = 30.0
 
 
 @dataclass
@@ -282,7 +286,7 @@ class Term:
         self.executor = Executor(self.engine, self.store, self.clock, fence,
                                  deliverer=daemon.deliverer, publisher=daemon.publisher,
                                  webhooks=daemon.webhooks, on_result=daemon.on_result,
-                                 background=self._spawn, on_transient=self._store_trouble)
+                                 background=self._spawn, give_back=self._give_back)
         self._changes: asyncio.Queue[Change] = asyncio.Queue(QUEUE_LIMIT)
         self._wake: asyncio.Future[None] | None = None
         self._sweep_requested = asyncio.Event()
@@ -388,11 +392,22 @@ class Term:
                 metrics.BUGS.labels("effects").inc()
                 log.error("bug", part="effects", error=repr(exc)[:300], exc_info=exc)
 
-    def _store_trouble(self, exc: BaseException) -> None:
-        """An action met an unavailable database and was given back: note it, and
-        sweep again in a second, which re-arms it and resumes its claim."""
-        self.readiness.store_down(exc)
-        asyncio.get_running_loop().call_later(1.0, self._sweep_requested.set)
+    def _give_back(self, timer: Timer, exc: BaseException) -> None:
+        """An action raised: hand its timer back to the engine after a delay (at
+        once it would be popped and fail again in a hot loop), and sweep, which
+        resumes its claim. An unavailable database is retried within a second; a
+        bug after GIVE_BACK_BUG_S."""
+        transient = is_transient(exc)
+        if transient:
+            self.readiness.store_down(exc)
+        delay = GIVE_BACK_TRANSIENT_S if transient else GIVE_BACK_BUG_S
+
+        def give_back() -> None:
+            self.engine.release(timer)
+            self._sweep_requested.set()
+            self._poke()
+
+        asyncio.get_running_loop().call_later(delay, give_back)
 
     def _lose(self, why: BaseException) -> None:
         if not self._lost.done():

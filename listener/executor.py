@@ -72,7 +72,7 @@ class Executor:
                  on_result: Callable[[ActionResult], None] | None = None,
                  background: Callable[[Awaitable[None]], Any] | None = None,
                  timeline: bool = True,
-                 on_transient: Callable[[BaseException], None] | None = None) -> None:
+                 give_back: Callable[[Timer, BaseException], None] | None = None) -> None:
         self.engine = engine
         self.store = store
         self.clock = clock
@@ -85,9 +85,11 @@ class Executor:
         self.on_result = on_result
         # Whether actions write the app's timeline rows (replay has no app to show them to).
         self.timeline = timeline
-        # Told when an action met an unavailable database and was given back:
-        # live, the daemon sweeps again soon rather than an interval later.
-        self.on_transient = on_transient
+        # What to do with a timer whose action raised: live, the daemon gives it
+        # back to the engine after a delay (a hot loop otherwise: the timer is
+        # due, so it would be popped and fail again at once) and sweeps again.
+        # Without it (replay) the episode is left as it is: a bug is reported once.
+        self.give_back = give_back
         self._messages: dict[tuple[str, Outcome], str] = {}
         # Emails and webhooks may be slow (rate limits, retries): live, they run
         # in the background so the status changes of other rows never wait.
@@ -114,15 +116,14 @@ class Executor:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - one action's failure must not stop the loop
-            # Give the timer back: the next sweep re-arms it (catch-up), and the
-            # ledger claim, if made, is resumed as unfinished.
-            self.engine.release(timer)
+            # The ledger claim, if made, stays unfinished and is resumed by a sweep;
+            # the timer is given back later.
+            if self.give_back is not None:
+                self.give_back(timer, exc)
             if is_transient(exc):
                 log.warning("action_deferred", rule=timer.rule.name, table=timer.table,
                             row_id=timer.key, due_at=format_instant(timer.due),
                             error=str(exc)[:300])
-                if self.on_transient is not None:
-                    self.on_transient(exc)
             else:
                 metrics.BUGS.labels("action").inc()
                 log.exception("action_error", rule=timer.rule.name, table=timer.table,

@@ -111,7 +111,7 @@ class Oracle:
         extensions = list(self.db[EXTENSIONS].values())
         found = []
         for index, rule in enumerate(self.rules):
-            for key, raw in self.db[rule.table].items():
+            for key, raw in self.db.get(rule.table, {}).items():
                 due = oracle_due(rule, raw, extensions, self.plan_minutes)
                 if due is not None and due <= limit \
                         and (rule.name, rule.table, key, due) not in self.fired:
@@ -228,8 +228,8 @@ def run(events: list[dict], ruleset: RuleSet = RULESET):
 
     async def spying_fire(request, fence):
         key = request.key
-        before = dict(replay.store.rows[key.table].get(key.row_key) or {})
-        extensions = [dict(e) for e in replay.store.rows.get(EXTENSIONS, {}).values()]
+        before = dict(replay.store.tables.get(key.table, {}).get(key.row_key) or {})
+        extensions = [dict(e) for e in replay.store.tables.get(EXTENSIONS, {}).values()]
         answer = await fire(request, fence)
         if answer.outcome == "claimed" and request.finish != Outcome.SKIPPED.value:
             seen.append((key, before, extensions))
