@@ -42,7 +42,7 @@ def test_realtime_payloads_generate(payload: object) -> None:
     assert payload is None or isinstance(payload, (dict, list, str))
 
 
-def reached(strategy, conditions: dict, examples: int = 150) -> set[str]:  # type: ignore[no-untyped-def]
+def reached(strategy, conditions: dict, examples: int = 300) -> set[str]:  # type: ignore[no-untyped-def]
     """Which conditions some generated value met (generation only, no shrinking)."""
     seen: set[str] = set()
 
