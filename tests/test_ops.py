@@ -313,6 +313,10 @@ def test_render_blueprint_configures_the_supabase_backend(monkeypatch: pytest.Mo
             monkeypatch.setenv(var["key"], str(var["value"]))
         elif var["key"] == "NEXT_PUBLIC_SUPABASE_URL":
             monkeypatch.setenv(var["key"], "https://project.supabase.co")
+        elif var["key"] == "WEBHOOK_URL":
+            monkeypatch.setenv(var["key"], "https://app.example/api/listener/webhook")
+        elif var.get("generateValue"):  # Render makes a random value
+            monkeypatch.setenv(var["key"], "g" * 32)
         else:  # what the Dashboard or the web service fills in
             monkeypatch.setenv(var["key"], f"stand-in-{var['key'].lower()}")
     settings = Settings()
