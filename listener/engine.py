@@ -234,7 +234,7 @@ class Engine:
         key = codec.key_of(row)
         old = ts.rows.get(key)
         gone = ts.tombstones.pop(key, None) if old is None else None
-        new, problems = codec.parse(row, old or gone, at)
+        new, problems = codec.parse_keyed(row, key, old or gone, at)
         applied = Applied(table, key, problems)
         status = getattr(new, codec.status)
         known = ts.table.known_statuses
