@@ -354,6 +354,10 @@ class Engine:
             heapq.heappop(heap)
         return None
 
+    def may_be_due(self, until: Instant) -> bool:
+        """Whether pop_due(until) may find a timer (false: it certainly finds none)."""
+        return bool(self._heap) and self._heap[0][0] <= until
+
     def pop_due(self, until: Instant) -> Timer | None:
         """The next timer due at or before `until`, marked as fired; None if none.
 

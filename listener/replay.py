@@ -81,21 +81,23 @@ class Replay:
             self.clock.advance_to(timer.due)
             await self.executor.run(timer, self.clock.now())
 
-    async def apply(self, change: Change) -> Applied | None:
+    async def apply(self, change: Change, owned: bool = False) -> Applied | None:
         """Apply one change at its instant (never before the clock); None when
-        no rule reads its table."""
+        no rule reads its table. `owned`: the caller gives the change's record
+        up (it parsed it for this alone), so the store keeps it uncopied."""
         if not self.engine.watches(change.table):
             return None
         at = max(change.at if change.at is not None else self.clock.now(), self.clock.now())
         # A change stamped at t goes before the timers due at t.
-        await self.fire_until(at - 1)
+        if self.engine.may_be_due(at - 1):
+            await self.fire_until(at - 1)
         self.clock.advance_to(at)
         if change.type == ChangeType.DELETE:
             self.store.remove(change.table, change.key)
             self.engine.delete(change.table, change.key)
             return Applied(change.table, change.key, [])
         assert change.record is not None
-        row = self.store.write(change.table, change.record, at)
+        row = self.store.write(change.table, change.record, at, owned=owned)
         return self.engine.upsert(change.table, row, at)
 
     async def finish(self, until: Instant | None) -> None:
@@ -135,7 +137,7 @@ async def run_replay(lines: Iterable[str], ruleset: RuleSet, out: TextIO, err: T
             stats.after_until += 1
             continue
         try:
-            applied = await replay.apply(change)
+            applied = await replay.apply(change, owned=True)  # parsed from its line here
         except BadRow as exc:
             stats.bad += 1
             err.write(f"line {number}: {change.table} {change.key}: {exc}; skipped\n")
