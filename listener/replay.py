@@ -4,8 +4,10 @@ Deterministic: no database, no email, no network, no wall clock.
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 from dataclasses import dataclass
-from typing import Callable, Iterable, TextIO
+from typing import Callable, Iterable, Iterator, TextIO
 
 import orjson
 
@@ -22,6 +24,9 @@ from listener.store import Fence
 
 REPLAY_FENCE = Fence("replay", 0)
 PRINTED = (Outcome.FIRED, Outcome.LATE)
+# Lines between full collections while the cyclic collector is paused (see
+# collector_paused): a bound on memory should anything ever make a cycle.
+COLLECT_EVERY = 1_000_000
 
 
 @dataclass
@@ -104,6 +109,24 @@ class Replay:
         await self.fire_until(until if until is not None else 2**62)
 
 
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """The cyclic garbage collector off for the replay, as it was afterwards.
+
+    Replay makes no reference cycles per line (states, rows and ledger entries
+    are acyclic; reference counting frees them), but every change leaves
+    surviving containers, so the collector kept re-traversing the engine's
+    live objects: a third of the CPU time of a replay went to finding nothing.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 async def run_replay(lines: Iterable[str], ruleset: RuleSet, out: TextIO, err: TextIO,
                      until: Instant | None = None,
                      max_notify_lateness: int = HOUR) -> ReplayStats:
@@ -123,7 +146,17 @@ async def run_replay(lines: Iterable[str], ruleset: RuleSet, out: TextIO, err: T
             pending.clear()
 
     replay = Replay(ruleset, max_notify_lateness, emit)
+    with collector_paused():
+        await _replay_lines(replay, lines, stats, err, until)
+    flush()
+    return stats
+
+
+async def _replay_lines(replay: Replay, lines: Iterable[str], stats: ReplayStats, err: TextIO,
+                        until: Instant | None) -> None:
     for number, line in enumerate(lines, 1):
+        if number % COLLECT_EVERY == 0:
+            gc.collect()
         if not line.strip():
             continue
         stats.lines += 1
@@ -158,5 +191,3 @@ async def run_replay(lines: Iterable[str], ruleset: RuleSet, out: TextIO, err: T
     if stats.after_until:
         err.write(f"{stats.after_until} line(s) stamped after --until were not applied\n")
     await replay.finish(until)
-    flush()
-    return stats
