@@ -18,6 +18,7 @@ class ChangeType(str, enum.Enum):
 
 
 CHANGE_TYPES = tuple(t.value for t in ChangeType)
+_CHANGE_TYPE = {t.value: t for t in ChangeType}
 DEFAULT_TABLE = "sessions"
 DEFAULT_KEY = "id"
 MAX_KEY_LENGTH = 100
@@ -42,7 +43,8 @@ class Change:
 
 def key_of(row: Any, column: str, table: str) -> str:
     """A row's key as text (what the ledger and the functions take). Raises BadChange."""
-    if not isinstance(row, Mapping):
+    # A dict (every source's rows) skips the slower check against the Mapping ABC.
+    if type(row) is not dict and not isinstance(row, Mapping):
         raise BadChange(f"{table}: row is not an object")
     value = row.get(column)
     if isinstance(value, int) and not isinstance(value, bool):
@@ -59,9 +61,10 @@ def change_from_payload(payload: Any, *, require_at: bool = False,
     column (`key_columns`, default "id"). Raises BadChange with a reason."""
     if not isinstance(payload, dict):
         raise BadChange("not a JSON object")
-    kind = payload.get("type")
-    if kind not in CHANGE_TYPES:
-        raise BadChange(f"type must be one of {', '.join(CHANGE_TYPES)}, not {kind!r:.40}")
+    raw = payload.get("type")
+    kind = _CHANGE_TYPE.get(raw) if isinstance(raw, str) else None
+    if kind is None:
+        raise BadChange(f"type must be one of {', '.join(CHANGE_TYPES)}, not {raw!r:.40}")
     table = payload.get("table") or DEFAULT_TABLE
     if not isinstance(table, str):
         raise BadChange("table must be a string")
@@ -75,7 +78,6 @@ def change_from_payload(payload: Any, *, require_at: bool = False,
         if at is None:
             raise BadChange("at is missing")
     record = payload.get("record")
-    kind = ChangeType(kind)
     if kind is ChangeType.DELETE:
         old = payload.get("old_record") or record
         return Change(kind, table, key_of(old, column, table), None, at)

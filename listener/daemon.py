@@ -31,7 +31,7 @@ from listener.instants import HOUR, SECOND, Instant
 from listener.ops import Readiness
 from listener.errors import is_transient
 from listener.retry import Backoff
-from listener.rows import BadRow
+from listener.rows import BadRow, key_text
 from listener.supervision import supervise, unavailable
 from listener.rules.model import RuleSet
 from listener.rules.query import TableQuery
@@ -537,14 +537,19 @@ class Term:
             while True:
                 rows = await self.store.changed_since(table, since - CATCH_UP_OVERLAP,
                                                       CATCH_UP_PAGE)
+                # Rows come in order of their stamps: the newest is the last one
+                # that reads (parsing every row's unique stamp was most of the work).
                 newest = since
-                for row in rows:
+                for row in reversed(rows):
                     try:
-                        stamp = parse_instant(row.get("_changed_at"))
+                        stamp = parse_instant(row.get("_changed_at")) \
+                            if isinstance(row, dict) else None
                     except BadInstant:
                         stamp = None
-                    if stamp is not None and stamp > newest:
-                        newest = stamp
+                    if stamp is not None:
+                        newest = max(newest, stamp)
+                        break
+                for row in rows:
                     key = self._key_of(table, row)
                     if key is None:
                         continue
@@ -637,8 +642,6 @@ class Term:
         return int(self._swept_once and (differs or (known is None and armed > 0)))
 
     def _key_of(self, table: str, row: Any) -> str | None:
-        from listener.rows import key_text
-
         column = self.queries[table].key
         key = key_text(row.get(column)) if isinstance(row, dict) else None
         if key is None:

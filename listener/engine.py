@@ -234,7 +234,7 @@ class Engine:
         key = codec.key_of(row)
         old = ts.rows.get(key)
         gone = ts.tombstones.pop(key, None) if old is None else None
-        new, problems = codec.parse(row, old or gone, at)
+        new, problems = codec.parse_keyed(row, key, old or gone, at)
         applied = Applied(table, key, problems)
         status = getattr(new, codec.status)
         known = ts.table.known_statuses
@@ -353,6 +353,10 @@ class Engine:
                 return due
             heapq.heappop(heap)
         return None
+
+    def may_be_due(self, until: Instant) -> bool:
+        """Whether pop_due(until) may find a timer (false: it certainly finds none)."""
+        return bool(self._heap) and self._heap[0][0] <= until
 
     def pop_due(self, until: Instant) -> Timer | None:
         """The next timer due at or before `until`, marked as fired; None if none.

@@ -13,10 +13,13 @@ strings (statuses, plans) are interned.
 from __future__ import annotations
 
 import enum
+import keyword
 import sys
 from typing import Any, Mapping
 
 from listener.instants import BadInstant, Instant, parse_instant
+# parse_instant's memo of text -> instant (pure, so reading it is always safe).
+from listener.instants import _parsed as parsed_instants
 from listener.rules.model import Rule, Table
 from listener.rules.query import STATUS_CHANGED_AT, optional_columns
 
@@ -98,6 +101,7 @@ class RowCodec:
         self._values = tuple(c for c in self.columns
                              if kinds[c] is ColumnKind.VALUE and c != table.status)
         self._presence = tuple(c for c in self.columns if kinds[c] is ColumnKind.PRESENCE)
+        self.parse_keyed = self._compile_parse()
 
     def key_of(self, row: Any) -> str:
         if type(row) is not dict and not isinstance(row, Mapping):
@@ -115,39 +119,70 @@ class RowCodec:
         before the migration) is inferred: unchanged while the status is,
         otherwise the instant of the change, `at`.
         """
-        key = self.key_of(row)
-        status = row.get(self.status)
-        if type(status) is not str or not status:
-            raise BadRow(f"row {key} has no usable {self.status} ({status!r:.60})")
-        state = self.state_class()
-        state._key = previous._key if previous is not None else key
-        state._fired = ()
-        version = row.get("_version")
-        state._version = version if type(version) is str else None
-        setattr(state, self.status, sys.intern(status))
-        problems: list[str] = []
+        return self.parse_keyed(row, self.key_of(row), previous, at)
+
+    def _compile_parse(self) -> Any:
+        """`parse_keyed(row, key, previous, at)`: `parse` for a row whose key is
+        already read, as straight-line code with one step per column.
+
+        Every change of every watched row goes through here, and a loop of
+        setattr over the columns cost more than the rest of the engine's work on
+        a change. Only column names checked as identifiers reach the source.
+        """
+        namespace: dict[str, Any] = {
+            "NEW": self.state_class, "BadRow": BadRow, "BadInstant": BadInstant,
+            "PARSE": parse_instant, "CACHED": parsed_instants, "INTERN": sys.intern,
+            "SCALARS": (int, float, bool), "CHANGED_AT": self._changed_at}
+
+        def assign(column: str, value: str) -> str:
+            if keyword.iskeyword(column):
+                return f"setattr(s, {column!r}, {value})"
+            return f"s.{column} = {value}"
+
+        status = self.status
+        lines = [
+            "def parse_keyed(row, key, previous, at):",
+            f"    status = row.get({status!r})",
+            "    if type(status) is not str or not status:",
+            f"        raise BadRow(f'row {{key}} has no usable {status} ({{status!r:.60}})')",
+            "    s = NEW()",
+            "    s._key = previous._key if previous is not None else key",
+            "    s._fired = ()",
+            "    v = row.get('_version')",
+            "    s._version = v if type(v) is str else None",
+            "    " + assign(status, "INTERN(status)"),
+            "    problems = []",
+        ]
         for column in self._instants:
-            value = row.get(column)
-            if value is not None:
-                try:
-                    value = parse_instant(value)
-                except BadInstant as exc:
-                    problems.append(f"{column}: {exc}")
-                    value = None
-            setattr(state, column, value)
+            lines += [
+                f"    v = row.get({column!r})",
+                "    if v is not None:",
+                # The cache parse_instant fills, read here without the call.
+                "        w = CACHED.get(v) if type(v) is str else None",
+                "        if w is None:",
+                "            try:",
+                "                w = PARSE(v)",
+                "            except BadInstant as exc:",
+                f"                problems.append(f'{column}: {{exc}}')",
+                "        v = w",
+                "    " + assign(column, "v")]
         for column in self._values:
-            value = row.get(column)
-            if type(value) is str:
-                value = sys.intern(value) if len(value) <= 64 else value
-            elif value is not None and type(value) not in (int, float, bool):
-                problems.append(f"{column}: not a scalar ({value!r:.60})")
-                value = None
-            setattr(state, column, value)
+            lines += [
+                f"    v = row.get({column!r})",
+                "    if type(v) is str:",
+                "        if len(v) <= 64: v = INTERN(v)",
+                "    elif v is not None and type(v) not in SCALARS:",
+                f"        problems.append(f'{column}: not a scalar ({{v!r:.60}})')",
+                "        v = None",
+                "    " + assign(column, "v")]
         for column in self._presence:
-            setattr(state, column, None if row.get(column) is None else True)
+            lines.append("    " + assign(column, f"None if row.get({column!r}) is None else True"))
         if self.stamps_status:
-            state.status_changed_at = self._changed_at(row, previous, status, at, problems)
-        return state, problems
+            lines.append("    " + assign(STATUS_CHANGED_AT,
+                                       "CHANGED_AT(row, previous, status, at, problems)"))
+        lines.append("    return s, problems")
+        exec("\n".join(lines), namespace)  # noqa: S102 - source built from checked names only
+        return namespace["parse_keyed"]
 
     def _changed_at(self, row: Mapping[str, Any], previous: RowState | None, status: str,
                     at: Instant | None, problems: list[str]) -> Instant | None:

@@ -86,17 +86,21 @@ class MemoryStore:
         query = self.queries.get(table)
         return query.key if query is not None else "id"
 
-    def write(self, table: str, record: dict[str, Any], at: Instant) -> dict[str, Any]:
+    def write(self, table: str, record: dict[str, Any], at: Instant, *,
+              owned: bool = False) -> dict[str, Any]:
         """Store a row as the database would: status_changed_at stamped like the
         trigger does on a table whose rules anchor on it (a writer that sets it
-        itself is trusted), a new version. Returns the stored row."""
+        itself is trusted), a new version. Returns the stored row.
+
+        `owned`: the caller gives `record` up (replay parsed it for this write
+        alone), so it is stored as it is rather than copied."""
         key_column = self._key_column(table)
         key = row_key_of(record, key_column)
         if key is None:
             raise ValueError(f"{table}: row has no usable {key_column}")
         rows = self.tables.setdefault(table, {})
         previous = rows.get(key)
-        row = dict(record)
+        row = record if owned else dict(record)
         query = self.queries.get(table)
         if query is not None and query.stamps_status and query.status:
             stamp = row.get(STATUS_CHANGED_AT)
@@ -123,7 +127,7 @@ class MemoryStore:
     def _view(self, table: str, row: dict[str, Any]) -> dict[str, Any]:
         """The row as the functions answer it: the query's columns and _version."""
         query = self.queries[table]
-        out = {c: row.get(c) for c in query.columns if c in row}
+        out = {c: row[c] for c in query.columns if c in row}
         out["_version"] = row["_version"]
         return out
 
