@@ -164,10 +164,14 @@ class Simulator:
     async def offers(self) -> None:
         async with await self._conn() as conn:
             sid = await app.insert_paid_session(conn, self.people["customer"], type="chat")
-            offers = await app.offer_session(conn, sid, [self.people["mechanic"],
-                                                         self.people["mechanic2"]])
-        # The first offer lapses 2 minutes after offered_at; give the second a deadline.
-        await self.retime("offer_expiry", offers.targeted[1])
+            # The app's offers carry no deadline: they lapse 2 minutes after offered_at.
+            await app.offer_session(conn, sid, [self.people["mechanic"]])
+            # An offer with a deadline of its own (the column the app never fills).
+            await conn.execute(
+                "insert into public.session_assignments (session_id, mechanic_id, status, "
+                "offered_at, expires_at, metadata) values (%s, %s, 'offered', now(), "
+                "now() + make_interval(secs => %s), '{\"match_type\": \"targeted\"}')",
+                (sid, self.people["mechanic2"], LEAD_S))
 
     async def reservation(self) -> None:
         async with await self._conn() as conn:
@@ -276,7 +280,7 @@ def describe(result: ActionResult, started: float) -> str:
         what.append(result.outcome.value)
     key = result.key
     return (f"+{time.monotonic() - started:6.1f}s  {key.rule:<28} {key.table:<22} "
-            f"{key.row_key[:8]}  late {result.lateness_ms:>5} ms  {'; '.join(what)}")
+            f"{key.row_key[:8]}  {result.lateness_ms:>5} ms after due  {'; '.join(what)}")
 
 
 def summary_table(results: list[ActionResult], ruleset: RuleSet,
@@ -284,8 +288,8 @@ def summary_table(results: list[ActionResult], ruleset: RuleSet,
     rows = [("pack", "rule", "table", "fired", "p50 lateness", "max lateness", "")]
     for rule in ruleset.all_rules:
         mine = [r.lateness_ms for r in results if r.key.rule == rule.name]
-        note = "" if rule.enabled else ("inactive: " + inactive[rule.name] if rule.name in inactive
-                                        else "off by default")
+        note = ("inactive: " + inactive[rule.name] if rule.name in inactive
+                else "" if rule.enabled else "off by default")
         rows.append((rule.pack, rule.name, rule.table, str(len(mine)),
                      f"{statistics.median(mine):.0f} ms" if mine else "-",
                      f"{max(mine)} ms" if mine else "-", note))
