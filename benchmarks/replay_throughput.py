@@ -50,10 +50,10 @@ def memory_per_session(count: int) -> float:
     before = tracemalloc.get_traced_memory()[0]
     engine = Engine(load_rules({}))
     for row in rows:
-        engine.upsert(row, at)
+        engine.upsert("sessions", row, at)
     used = tracemalloc.get_traced_memory()[0] - before
     tracemalloc.stop()
-    return used / len(engine.sessions)
+    return used / engine.tracked
 
 
 def main() -> None:
@@ -65,12 +65,12 @@ def main() -> None:
     lines = generate(args.sessions)
     rate, actions = throughput(lines)
     per_session = memory_per_session(args.memory_sessions)
-    rows = [("measure", "value", "target"),
-            ("change events replayed", f"{len(lines):,}", ""),
-            ("actions fired", f"{actions:,}", ""),
-            ("replay throughput (events/s, CPU time)", f"{rate:,.0f}", ">= 50,000"),
+    rows = [("measure", "value", "release 1", "target"),
+            ("change events replayed", f"{len(lines):,}", "", ""),
+            ("actions fired", f"{actions:,}", "", ""),
+            ("replay throughput (events/s, CPU time)", f"{rate:,.0f}", "10,500", ">= 50,000"),
             (f"memory per tracked session ({args.memory_sessions:,} sessions)",
-             f"{per_session:,.0f} B", "<= 1,024 B")]
+             f"{per_session:,.0f} B", "490 B", "<= 1,024 B")]
     print(format_table(rows))
 
 

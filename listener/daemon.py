@@ -3,6 +3,12 @@
 One engine and one executor, as in replay; here the clock is the wall clock,
 the store a database and the effects real. The timer loop only pops due timers
 and hands them to workers: claims and effects never run on the timer path.
+
+Its jobs have one lifetime each: the `Daemon` runs lease terms until stopped;
+a `Lease` acquires, renews and releases the lease; a `Term` is one period of
+holding it (its own engine, executor, intake, timers, workers, sweeps), under
+the error boundary of `supervise`. Facts go into the `Readiness` the ops
+endpoint reads, and the awaitable `DaemonEvents` tests and the demo wait on.
 """
 from __future__ import annotations
 
@@ -16,17 +22,21 @@ from typing import Any, Awaitable, Callable
 import structlog
 
 from listener import metrics
-from listener.changes import Change
+from listener.changes import Change, ChangeType
 from listener.clock import Clock
 from listener.effects import EventPublisher
 from listener.engine import Engine, Timer
 from listener.executor import ActionResult, Deliverer, Executor
 from listener.instants import HOUR, SECOND, Instant
 from listener.ops import Readiness
-from listener.sessions import BadRow, parse_row
+from listener.errors import is_transient
+from listener.retry import Backoff
+from listener.rows import BadRow, key_text
+from listener.supervision import supervise, unavailable
+from listener.rules.model import RuleSet
+from listener.rules.query import TableQuery
 from listener.source import ChangeSource
 from listener.store import Fence, Fenced, Store
-from listener.rules.table import RuleTable
 
 log = structlog.get_logger("listener.daemon")
 
@@ -35,6 +45,16 @@ log = structlog.get_logger("listener.daemon")
 MAX_WAIT_S = 0.5
 WORKERS = 16
 QUEUE_LIMIT = 100_000
+# The incremental read: every CATCH_UP_S, rows changed since the last one (less
+# CATCH_UP_OVERLAP, for transactions that commit after they stamped the row),
+# in pages of CATCH_UP_PAGE. It finds what a source dropped while it looked
+# healthy within a few seconds; the full sweep still covers deletes.
+CATCH_UP_S = 2.0
+CATCH_UP_OVERLAP = 3 * SECOND
+CATCH_UP_PAGE = 2000
+# A timer whose action raised is handed back after this long.
+GIVE_BACK_TRANSIENT_S = 1.0
+GIVE_BACK_BUG_S = 30.0
 
 
 @dataclass
@@ -54,102 +74,79 @@ class LeaseLost(Exception):
     pass
 
 
-class Daemon:
-    def __init__(self, table: RuleTable, store: Store, source: ChangeSource, clock: Clock,
-                 config: DaemonConfig | None = None, *, deliverer: Deliverer | None = None,
-                 publisher: EventPublisher | None = None, readiness: Readiness | None = None,
-                 on_result: Callable[[ActionResult], None] | None = None) -> None:
-        self.table = table
+class DaemonEvents:
+    """What tests and the demo can await instead of polling private flags."""
+
+    def __init__(self) -> None:
+        self.active = asyncio.Event()  # holding the lease, subscribed, first sweep done
+        self.standing_by = asyncio.Event()
+        self.stopped = asyncio.Event()
+        self.sweeps = 0  # full sweeps completed in this process
+        self._swept = asyncio.Condition()
+
+    async def swept(self, count: int) -> None:
+        """Until `count` full sweeps have completed."""
+        async with self._swept:
+            await self._swept.wait_for(lambda: self.sweeps >= count)
+
+    async def note_sweep(self) -> None:
+        async with self._swept:
+            self.sweeps += 1
+            self._swept.notify_all()
+
+
+class Lease:
+    """Acquiring, renewing and releasing the one lease; stops waiting on `stop`."""
+
+    def __init__(self, store: Store, config: DaemonConfig, readiness: Readiness,
+                 events: DaemonEvents) -> None:
         self.store = store
-        self.source = source
-        self.clock = clock
-        self.config = config or DaemonConfig()
-        self.deliverer = deliverer
-        self.publisher = publisher
-        self.readiness = readiness or Readiness()
-        self.on_result = on_result
-        self.engine: Engine | None = None
-        self.executor: Executor | None = None
-        self._changes: asyncio.Queue[Change] = asyncio.Queue(QUEUE_LIMIT)
-        self._wake: asyncio.Future[None] | None = None
-        self._sweep_requested = asyncio.Event()
-        self._swept_once = False
-        self._background: set[asyncio.Task[Any]] = set()
-        self._lost: asyncio.Future[BaseException] | None = None
+        self.config = config
+        self.readiness = readiness
+        self.events = events
+        self.ttl = config.lease_ttl / SECOND
 
-    # -- the ChangeSink the source feeds ---------------------------------------------
-
-    def put(self, change: Change) -> None:
-        try:
-            self._changes.put_nowait(change)
-        except asyncio.QueueFull:
-            # Memory is bounded; the sweep that follows finds what was dropped.
-            self.bad_input("queue_full", "change queue full: sweeping", change.session_id)
-            self._sweep_requested.set()
-
-    def bad_input(self, kind: str, detail: str, session_id: str | None = None) -> None:
-        metrics.BAD_INPUT.labels(kind).inc()
-        log.warning("bad_input", kind=kind, session_id=session_id, detail=detail[:500])
-
-    def subscribed(self, source: str) -> None:
-        self.readiness.source_subscribed = True
-        self._sweep_requested.set()
-
-    def unsubscribed(self, source: str, reason: str) -> None:
-        self.readiness.source_subscribed = False
-        log.warning("source_lost", source=source, reason=reason[:300])
-
-    # -- lifecycle --------------------------------------------------------------------------
-
-    async def run(self, stop: asyncio.Event) -> None:
-        """Stand by for the lease, act while holding it, until `stop` is set."""
-        try:
-            while not stop.is_set():
-                token = await self._acquire(stop)
-                if token is None:
-                    break
-                fence = Fence(self.config.holder, token)
-                try:
-                    await self._serve(fence, stop)
-                except LeaseLost as exc:
-                    log.error("lease_lost", holder=fence.holder, reason=str(exc))
-                    metrics.LEASE_HELD.set(0)
-                    # Not stopping (that means SIGTERM): trying to take the lease back.
-                    self.readiness.role = "standby"
-        finally:
-            self.readiness.role = "stopping"
-
-    async def _acquire(self, stop: asyncio.Event) -> int | None:
-        ttl = self.config.lease_ttl / SECOND
+    async def acquire(self, stop: asyncio.Event) -> int | None:
+        """The fencing token once this instance holds the lease; None on stop."""
         announced = False
+        backoff = Backoff(0.2, self.ttl / 3)
         while not stop.is_set():
+            token = None
             try:
                 # Bounded, and given up on SIGTERM: with the database unreachable the
                 # pool waits 30 s for a connection, which broke "exit within 10 s".
                 token = await self._attempt(
-                    self.store.acquire_lease(self.config.holder, ttl), stop, ttl)
+                    self.store.acquire_lease(self.config.holder, self.ttl), stop, self.ttl)
                 if token is None and stop.is_set():
                     break
-                self.readiness.database_reachable = True
-            except Exception as exc:  # noqa: BLE001 - the database may be down: keep trying
-                self.readiness.database_reachable = False
-                log.warning("lease_error", error=repr(exc))
-                token = None
+                self.readiness.store_ok()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the boundary of the standby loop
+                if unavailable(exc):
+                    self.readiness.store_down(exc)
+                    log.warning("lease_error", error=str(exc)[:300])
+                else:
+                    metrics.BUGS.labels("lease").inc()
+                    log.exception("bug", part="lease", error=repr(exc)[:300])
+                await backoff.sleep(exc)
+                continue
             if token is not None:
                 log.info("lease_acquired", holder=self.config.holder, token=token)
                 metrics.LEASE_HELD.set(1)
+                self.events.standing_by.clear()
                 return token
             if not announced:
                 log.info("standing_by", holder=self.config.holder)
                 announced = True
             self.readiness.role = "standby"
             # A standby follows no changes, so it has no subscription to lose:
-            # the source check passes while standing by (SPEC 5: ready when "lease
-            # held or standing by"; a Render deploy starts the new instance as a
-            # standby next to the old one). _serve resets it before subscribing.
+            # ready while standing by (a Render deploy starts the new instance as a
+            # standby next to the old one). A term resets it before subscribing.
             self.readiness.source_subscribed = True
+            self.events.standing_by.set()
             try:
-                await asyncio.wait_for(stop.wait(), ttl / 3)
+                await asyncio.wait_for(stop.wait(), self.ttl / 3)
             except TimeoutError:
                 pass
         return None
@@ -173,25 +170,174 @@ class Daemon:
             return None
         raise TimeoutError(f"no answer within {timeout:g} s")
 
-    async def _serve(self, fence: Fence, stop: asyncio.Event) -> None:
+    async def keep(self, fence: Fence) -> LeaseLost:
+        """Renew until the lease is lost; the reason."""
         loop = asyncio.get_running_loop()
-        self.engine = engine = Engine(self.table, self.config.max_notify_lateness)
-        self.executor = Executor(engine, self.store, self.clock, fence, deliverer=self.deliverer,
-                                 publisher=self.publisher, on_result=self.on_result,
-                                 background=self._spawn)
-        self._lost = loop.create_future()
+        last_ok = loop.time()
+        while True:
+            await asyncio.sleep(self.ttl / 3)
+            try:
+                if not await asyncio.wait_for(self.store.renew_lease(fence, self.ttl),
+                                              self.ttl / 3):
+                    return LeaseLost("renewal refused: another instance holds the lease")
+                last_ok = loop.time()
+                self.readiness.store_ok()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - keep trying until the lease runs out
+                if unavailable(exc):
+                    self.readiness.store_down(exc)
+                    log.warning("lease_renew_failed", error=str(exc)[:300])
+                else:
+                    metrics.BUGS.labels("lease").inc()
+                    log.exception("bug", part="lease", error=repr(exc)[:300])
+                if loop.time() - last_ok > self.ttl * 0.8:
+                    return LeaseLost("could not renew before expiry")
+
+    async def release(self, fence: Fence) -> None:
+        try:
+            await asyncio.wait_for(self.store.release_lease(fence), 2)
+            log.info("lease_released", holder=fence.holder)
+        except Exception as exc:  # noqa: BLE001 - expiry releases it anyway
+            log.warning("lease_release_failed", error=repr(exc)[:300])
+
+
+class Daemon:
+    """Stands by for the lease, and serves one term after another while it holds it."""
+
+    def __init__(self, ruleset: RuleSet, queries: dict[str, TableQuery], store: Store,
+                 source: ChangeSource, clock: Clock,
+                 config: DaemonConfig | None = None, *, deliverer: Deliverer | None = None,
+                 publisher: EventPublisher | None = None, webhooks: Any = None,
+                 readiness: Readiness | None = None,
+                 on_result: Callable[[ActionResult], None] | None = None) -> None:
+        self.ruleset = ruleset
+        self.queries = queries
+        self.store = store
+        self.source = source
+        self.clock = clock
+        self.config = config or DaemonConfig()
+        self.deliverer = deliverer
+        self.publisher = publisher
+        self.webhooks = webhooks
+        self.readiness = readiness or Readiness()
+        self.on_result = on_result
+        self.events = DaemonEvents()
+        self.lease = Lease(store, self.config, self.readiness, self.events)
+        self.term: Term | None = None
+
+    @property
+    def engine(self) -> Engine | None:
+        return None if self.term is None else self.term.engine
+
+    @property
+    def executor(self) -> Executor | None:
+        return None if self.term is None else self.term.executor
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Stand by for the lease, act while holding it, until `stop` is set."""
+        try:
+            while not stop.is_set():
+                token = await self.lease.acquire(stop)
+                if token is None:
+                    break
+                fence = Fence(self.config.holder, token)
+                self.term = Term(self, fence)
+                try:
+                    await self.term.serve(stop)
+                except LeaseLost as exc:
+                    log.error("lease_lost", holder=fence.holder, reason=str(exc))
+                    metrics.LEASE_HELD.set(0)
+                    # Not stopping (that means SIGTERM): trying to take the lease back.
+                    self.readiness.role = "standby"
+                    self.events.active.clear()
+        finally:
+            self.readiness.role = "stopping"
+            self.events.active.clear()
+            self.events.stopped.set()
+
+    async def reconcile(self) -> int:
+        assert self.term is not None
+        return await self.term.reconcile()
+
+    async def catch_up(self) -> int:
+        assert self.term is not None
+        return await self.term.catch_up()
+
+
+class Term:
+    """One term of holding the lease: an engine and everything that feeds and
+    drains it, from the first sweep to the release. Also the ChangeSink the
+    source feeds."""
+
+    def __init__(self, daemon: Daemon, fence: Fence) -> None:
+        self.daemon = daemon
+        self.fence = fence
+        self.store = daemon.store
+        self.clock = daemon.clock
+        self.config = daemon.config
+        self.readiness = daemon.readiness
+        self.events = daemon.events
+        self.queries = daemon.queries
+        # Children first: a parent's deadline counts its children's sums, and a
+        # parent armed before them would fire too early while the sweep runs.
+        self.sweep_order = sorted(self.queries, key=lambda t: self.queries[t].parent is None)
+        self.engine = Engine(daemon.ruleset, self.config.max_notify_lateness)
+        self.executor = Executor(self.engine, self.store, self.clock, fence,
+                                 deliverer=daemon.deliverer, publisher=daemon.publisher,
+                                 webhooks=daemon.webhooks, on_result=daemon.on_result,
+                                 background=self._spawn, give_back=self._give_back)
+        self._changes: asyncio.Queue[Change] = asyncio.Queue(QUEUE_LIMIT)
+        self._wake: asyncio.Future[None] | None = None
+        self._sweep_requested = asyncio.Event()
         self._swept_once = False
+        self._watermarks: dict[str, Instant] = {}
+        self._background: set[asyncio.Task[Any]] = set()
+        self._lost: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
+
+    # -- the ChangeSink the source feeds ---------------------------------------------
+
+    def put(self, change: Change) -> None:
+        try:
+            self._changes.put_nowait(change)
+        except asyncio.QueueFull:
+            # Memory is bounded; the sweep that follows finds what was dropped.
+            self.bad_input("queue_full", "change queue full: sweeping", change.table, change.key)
+            self._sweep_requested.set()
+
+    def bad_input(self, kind: str, detail: str, table: str | None = None,
+                  key: str | None = None) -> None:
+        metrics.BAD_INPUT.labels(kind).inc()
+        log.warning("bad_input", kind=kind, table=table, row_id=key, detail=detail[:500])
+
+    def subscribed(self, source: str) -> None:
+        self.readiness.source_subscribed = True
+        self._sweep_requested.set()
+
+    def unsubscribed(self, source: str, reason: str) -> None:
+        self.readiness.source_subscribed = False
+        self.events.active.clear()
+        log.warning("source_lost", source=source, reason=reason[:300])
+
+    # -- the term -------------------------------------------------------------------------
+
+    def _part(self, name: str, run: Callable[[], Awaitable[Any]]) -> asyncio.Task[None]:
+        return asyncio.create_task(
+            supervise(name, run, self.readiness, on_fenced=self._lose), name=name)
+
+    async def serve(self, stop: asyncio.Event) -> None:
         self.readiness.source_subscribed = False  # set by the source once subscribed
         self.readiness.role = "active"
         queues: list[asyncio.Queue[tuple[Timer, Instant] | None]] = [
             asyncio.Queue() for _ in range(WORKERS)]
         intake = [
-            asyncio.create_task(self.source.run(self), name="source"),
-            asyncio.create_task(self._consume_changes(), name="changes"),
-            asyncio.create_task(self._timer_loop(queues), name="timers"),
-            asyncio.create_task(self._reconcile_loop(), name="reconcile"),
+            asyncio.create_task(self.daemon.source.run(self), name="source"),
+            self._part("changes", self._consume_changes),
+            self._part("timers", lambda: self._timer_loop(queues)),
+            self._part("reconcile", self._reconcile_loop),
+            self._part("catch-up", self._catch_up_loop),
         ]
-        renewer = asyncio.create_task(self._renew_lease(fence), name="lease")
+        renewer = asyncio.create_task(self._renew(), name="lease")
         workers = [asyncio.create_task(self._worker(q), name=f"worker-{i}")
                    for i, q in enumerate(queues)]
         stopping = asyncio.create_task(stop.wait())
@@ -204,10 +350,11 @@ class Daemon:
         finally:
             self.readiness.role = "stopping"
             self.readiness.source_subscribed = False
+            self.events.active.clear()
             for task in intake:
                 task.cancel()
             await asyncio.gather(*intake, return_exceptions=True)
-            # Let workers finish what they hold, then let emails in flight finish;
+            # Let workers finish what they hold, then let effects in flight finish;
             # anything cut short stays `claimed` and the next holder resumes it.
             for q in queues:
                 q.put_nowait(None)
@@ -219,25 +366,51 @@ class Daemon:
             stopping.cancel()
             await asyncio.gather(*workers, *self._background, renewer, stopping,
                                  return_exceptions=True)
-            lost = self._lost.done()
-            if not lost:
-                try:
-                    await asyncio.wait_for(self.store.release_lease(fence), 2)
-                    log.info("lease_released", holder=fence.holder)
-                except Exception as exc:  # noqa: BLE001 - expiry releases it anyway
-                    log.warning("lease_release_failed", error=repr(exc))
+            if not self._lost.done():
+                await self.daemon.lease.release(self.fence)
             metrics.LEASE_HELD.set(0)
             metrics.TIMERS_ARMED.set(0)
         if self._lost.done() and not stop.is_set():
             raise LeaseLost(str(self._lost.result()))
 
+    async def _renew(self) -> None:
+        self._lose(await self.daemon.lease.keep(self.fence))
+
     def _spawn(self, work: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(work)
         self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        task.add_done_callback(self._effect_done)
+
+    def _effect_done(self, task: asyncio.Task[Any]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            if isinstance(exc, Fenced):
+                self._lose(exc)
+            else:
+                # The claim stays unfinished: the next sweep resumes it.
+                metrics.BUGS.labels("effects").inc()
+                log.error("bug", part="effects", error=repr(exc)[:300], exc_info=exc)
+
+    def _give_back(self, timer: Timer, exc: BaseException) -> None:
+        """An action raised: hand its timer back to the engine after a delay (at
+        once it would be popped and fail again in a hot loop), and sweep, which
+        resumes its claim. An unavailable database is retried within a second; a
+        bug after GIVE_BACK_BUG_S."""
+        transient = is_transient(exc)
+        if transient:
+            self.readiness.store_down(exc)
+        delay = GIVE_BACK_TRANSIENT_S if transient else GIVE_BACK_BUG_S
+
+        def give_back() -> None:
+            self.engine.release(timer)
+            self._sweep_requested.set()
+            self._poke()
+
+        asyncio.get_running_loop().call_later(delay, give_back)
 
     def _lose(self, why: BaseException) -> None:
-        if self._lost is not None and not self._lost.done():
+        if not self._lost.done():
             self._lost.set_result(why)
 
     # -- the loops -----------------------------------------------------------------------------
@@ -247,14 +420,13 @@ class Daemon:
             self._wake.set_result(None)
 
     async def _timer_loop(self, queues: list[asyncio.Queue[tuple[Timer, Instant] | None]]) -> None:
-        assert self.engine is not None
         engine, clock, loop = self.engine, self.clock, asyncio.get_running_loop()
         while True:
             now = clock.now()
             while (timer := engine.pop_due(now)) is not None:
-                queues[hash(timer.session_id) % len(queues)].put_nowait((timer, now))
+                queues[hash(timer.key) % len(queues)].put_nowait((timer, now))
             metrics.TIMERS_ARMED.set(engine.armed)
-            metrics.SESSIONS_TRACKED.set(len(engine.sessions))
+            metrics.SESSIONS_TRACKED.set(engine.tracked)
             due = engine.next_due()
             wait = MAX_WAIT_S if due is None else min(MAX_WAIT_S, max(0.0, (due - now) / SECOND))
             self._wake = loop.create_future()
@@ -265,7 +437,6 @@ class Daemon:
                 handle.cancel()
 
     async def _worker(self, queue: asyncio.Queue[tuple[Timer, Instant] | None]) -> None:
-        assert self.executor is not None
         while (item := await queue.get()) is not None:
             timer, fired_at = item
             try:
@@ -275,43 +446,56 @@ class Daemon:
                 return
 
     async def _consume_changes(self) -> None:
-        assert self.engine is not None
         while True:
             change = await self._changes.get()
             try:
                 await self._apply(change)
             except Exception as exc:  # noqa: BLE001 - one bad change must not stop intake
-                self.bad_input("change", repr(exc), change.session_id)
+                self.bad_input("change", repr(exc), change.table, change.key)
 
     async def _apply(self, change: Change) -> None:
         engine = self.engine
-        assert engine is not None
-        if change.type == "DELETE":
-            engine.delete(change.session_id)
+        if not engine.watches(change.table):
+            self.bad_input("unknown_table", "a change of a table no rule reads: ignored",
+                           change.table, change.key)
+            return
+        if change.type == ChangeType.DELETE:
+            engine.delete(change.table, change.key)
             self._poke()
             return
         row = change.record
-        if row is None or "status" not in row:
-            row = await self.store.read_session(change.session_id)
+        if row is None:
+            row = await self.store.read_row(change.table, change.key)
             if row is None:
-                engine.delete(change.session_id)
+                engine.delete(change.table, change.key)
                 return
-        try:
-            applied = engine.upsert(row, self.clock.now())
-        except BadRow as exc:
-            self.bad_input("row", str(exc), change.session_id)
-            return
-        self._report_problems(applied.session_id, applied.problems, applied.new_status)
+        self._upsert(change.table, change.key, row)
         self._poke()
 
-    def _report_problems(self, sid: str, problems: list[str], new_status: str | None) -> None:
-        for problem in problems:
-            self.bad_input("column", problem, sid)
-        if new_status is not None:
-            self.bad_input("unknown_status", f"status {new_status!r} treated as terminal", sid)
+    def _upsert(self, table: str, key: str, row: dict[str, Any]) -> int:
+        """Apply one row, reporting what is wrong with it; the episodes it newly owes."""
+        engine = self.engine
+        try:
+            applied = engine.upsert(table, row, self.clock.now())
+        except BadRow as exc:
+            self.bad_input("row", str(exc), table, key)
+            return 0
+        for problem in applied.problems:
+            self.bad_input("column", problem, table, applied.key)
+        if applied.new_status is not None:
+            self.bad_input("unknown_status",
+                           f"status {applied.new_status!r} treated as terminal", table, applied.key)
+        for unknown in engine.new_unknown_values:
+            self.bad_input("unknown_value", f"{unknown.column} = {unknown.value!r} is not in the "
+                           "rules' map: no deadline computed from it", table, applied.key)
+        engine.new_unknown_values.clear()
+        return applied.armed
 
     async def _reconcile_loop(self) -> None:
+        """A full sweep after every (re)subscription and every RECONCILE_INTERVAL;
+        a sweep that fails is retried at once with backoff, not an interval later."""
         interval = self.config.reconcile_interval / SECOND
+        backoff = Backoff(0.2, 10.0, event="reconcile_retry")
         while True:
             try:
                 await asyncio.wait_for(self._sweep_requested.wait(), interval)
@@ -320,42 +504,95 @@ class Daemon:
             self._sweep_requested.clear()
             try:
                 await self.reconcile()
-                self.readiness.database_reachable = True
-            except Fenced as exc:
-                self._lose(exc)
-                return
-            except Exception as exc:  # noqa: BLE001 - try again at the next interval
-                self.readiness.database_reachable = False
-                log.error("reconcile_failed", error=repr(exc))
+            except (asyncio.CancelledError, Fenced):
+                raise
+            except Exception as exc:  # noqa: BLE001 - classified, then retried soon
+                if not unavailable(exc):
+                    raise  # a bug: the supervisor logs it and restarts this loop
+                self.readiness.store_down(exc)
+                log.error("reconcile_failed", error=str(exc)[:300])
+                await backoff.sleep(exc)
+                self._sweep_requested.set()
+                continue
+            backoff.reset()
+            self.readiness.store_ok()
+
+    async def _catch_up_loop(self) -> None:
+        while True:
+            await asyncio.sleep(CATCH_UP_S)
+            if self._swept_once:
+                await self.catch_up()
+
+    async def catch_up(self) -> int:
+        """Apply rows changed since the watermark that memory does not hold; the
+        number of them (changes the source never delivered, or not yet)."""
+        from listener.instants import BadInstant, parse_instant
+
+        engine = self.engine
+        found = 0
+        for table in self.sweep_order:
+            since = self._watermarks.get(table)
+            if since is None:
+                continue
+            while True:
+                rows = await self.store.changed_since(table, since - CATCH_UP_OVERLAP,
+                                                      CATCH_UP_PAGE)
+                # Rows come in order of their stamps: the newest is the last one
+                # that reads (parsing every row's unique stamp was most of the work).
+                newest = since
+                for row in reversed(rows):
+                    try:
+                        stamp = parse_instant(row.get("_changed_at")) \
+                            if isinstance(row, dict) else None
+                    except BadInstant:
+                        stamp = None
+                    if stamp is not None:
+                        newest = max(newest, stamp)
+                        break
+                for row in rows:
+                    key = self._key_of(table, row)
+                    if key is None:
+                        continue
+                    known = engine.row(table, key)
+                    if known is not None and known._version is not None \
+                            and known._version == row.get("_version"):
+                        continue
+                    if self._upsert(table, key, row) > 0:
+                        found += 1
+                self._watermarks[table] = newest
+                if len(rows) < CATCH_UP_PAGE or newest == since:
+                    break
+                since = newest + CATCH_UP_OVERLAP  # a full page: go on from its last row
+        if found:
+            metrics.CATCH_UPS.inc(found)
+            log.info("caught_up", rows=found)
+            self._poke()
+        return found
 
     async def reconcile(self) -> int:
         """Reload every row the rules care about, re-arm, resume unfinished claims.
         Returns the drift: rows memory had wrong (after the first sweep)."""
         engine, executor = self.engine, self.executor
-        assert engine is not None and executor is not None
-        seen: set[str] = set()
         drift = 0
         count = 0
-        async for page in self.store.tracked_pages():
-            for row in page:
-                count += 1
-                drift += await self._reconcile_row(row, seen)
-                if count % 500 == 0:
-                    await asyncio.sleep(0)  # keep the timer loop on time
-        for sid in [s for s in engine.sessions if s not in seen]:
-            row = await self.store.read_session(sid)
-            if row is None:
-                engine.delete(sid)
-                drift += 1
-            else:
-                known = engine.sessions[sid]
-                try:
-                    engine.upsert(row, self.clock.now())
-                except BadRow as exc:
-                    self.bad_input("row", str(exc), sid)
-                    continue
-                current = engine.sessions.get(sid)
-                drift += current is None or not current.same_facts(known)
+        # Rows changed from a little before this sweep on are the incremental
+        # read's (the sweep's snapshot may miss them); older ones are the sweep's.
+        started = self.clock.now() - 10 * SECOND
+        for table in self.sweep_order:
+            self._watermarks.setdefault(table, started)
+            seen: set[str] = set()
+            async for page in self.store.tracked_pages(table):
+                for row in page:
+                    count += 1
+                    drift += await self._reconcile_row(table, row, seen)
+                    if count % 500 == 0:
+                        await asyncio.sleep(0)  # keep the timer loop on time
+            for key in [k for k in engine.keys(table) if k not in seen]:
+                row = await self.store.read_row(table, key)
+                if row is None:
+                    drift += engine.delete(table, key)
+                else:
+                    drift += self._upsert(table, key, row) > 0
         for unfinished in await self.store.unfinished_claims():
             if unfinished.key not in executor.in_flight:
                 await executor.resume(unfinished)
@@ -364,56 +601,51 @@ class Daemon:
             metrics.RECONCILE_DRIFT.inc(drift)
         log.info("reconciled", rows=count, drift=drift, armed=engine.armed,
                  first=not self._swept_once)
+        note = getattr(self.store, "note_reconcile", None)
+        if note is not None:
+            await note(self.fence.holder, self.clock.now(), drift)
         self._swept_once = True
+        await self.events.note_sweep()
+        if self.readiness.source_subscribed and self.readiness.role == "active":
+            self.events.active.set()
         self._poke()
         return drift
 
-    async def _reconcile_row(self, row: dict[str, Any], seen: set[str]) -> int:
+    async def _reconcile_row(self, table: str, row: dict[str, Any], seen: set[str]) -> int:
         """Bring memory in line with one tracked row; 1 when memory had it wrong."""
         engine = self.engine
-        assert engine is not None
-        sid = row.get("id") if isinstance(row, dict) else None
-        if not isinstance(sid, str):
-            self.bad_input("row", f"tracked row without id: {str(row)[:200]}")
+        key = self._key_of(table, row)
+        if key is None:
             return 0
-        seen.add(sid)
-        known = engine.sessions.get(sid)
-        if known is not None and known.version is not None \
-                and known.version == row.get("_version"):
+        seen.add(key)
+        known = engine.row(table, key)
+        if known is not None and known._version is not None \
+                and known._version == row.get("_version"):
             return 0  # memory already holds this version of the row
-        drift = 0
-        try:
-            if known is not None:
-                state, _ = parse_row(row, known, self.clock.now())
-                if not state.same_facts(known):
-                    # The sweep's snapshot may be older than a change already
-                    # applied: judge with the row as it is now.
-                    row = await self.store.read_session(sid) or row
-                    fresh, _ = parse_row(row, known, self.clock.now())
-                    drift = int(not fresh.same_facts(known))
-            elif self._swept_once:
-                drift = 1
-            applied = engine.upsert(row, self.clock.now())
-            if known is None:
-                self._report_problems(sid, applied.problems, applied.new_status)
-        except BadRow as exc:
-            self.bad_input("row", str(exc), sid)
-        return drift
-
-    async def _renew_lease(self, fence: Fence) -> None:
-        ttl = self.config.lease_ttl / SECOND
-        last_ok = asyncio.get_running_loop().time()
-        while True:
-            await asyncio.sleep(ttl / 3)
+        differs = False
+        if known is not None and table in engine.tables:
             try:
-                if not await asyncio.wait_for(self.store.renew_lease(fence, ttl), ttl / 3):
-                    self._lose(LeaseLost("renewal refused: another instance holds the lease"))
-                    return
-                last_ok = asyncio.get_running_loop().time()
-                self.readiness.database_reachable = True
-            except Exception as exc:  # noqa: BLE001 - keep trying until the lease runs out
-                self.readiness.database_reachable = False
-                log.warning("lease_renew_failed", error=repr(exc))
-                if asyncio.get_running_loop().time() - last_ok > ttl * 0.8:
-                    self._lose(LeaseLost("could not renew before expiry"))
-                    return
+                fresh = engine.parse(table, row, self.clock.now())
+            except BadRow as exc:
+                self.bad_input("row", str(exc), table, key)
+                return 0
+            if not fresh.same_facts(known):
+                # The sweep's snapshot may be older than a change already applied:
+                # judge with the row as it is now.
+                row = await self.store.read_row(table, key) or row
+                try:
+                    differs = not engine.parse(table, row, self.clock.now()).same_facts(known)
+                except BadRow:
+                    differs = True  # _upsert below reports it
+        armed = self._upsert(table, key, row)
+        # Drift: memory was wrong about a row (a change the source never delivered).
+        return int(self._swept_once and (differs or (known is None and armed > 0)))
+
+    def _key_of(self, table: str, row: Any) -> str | None:
+        column = self.queries[table].key
+        key = key_text(row.get(column)) if isinstance(row, dict) else None
+        if key is None:
+            self.bad_input("row", f"tracked row without a usable {column}: {str(row)[:200]}",
+                           table)
+        return key
+

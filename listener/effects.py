@@ -20,8 +20,13 @@ class OutgoingEmail:
     # carries the same key, so Resend delivers it at most once.
     idempotency_key: str
     rule: str
-    session_id: str
-    role: str  # customer | mechanic | support
+    table: str
+    row_id: str
+    role: str  # customer | mechanic | support | a role the table declares
+
+    @property
+    def session_id(self) -> str | None:
+        return self.row_id if self.table == "sessions" else None
 
 
 class EmailError(Exception):
@@ -53,7 +58,8 @@ class ActionEvent:
     """One fired, skipped, late or failed action, as logged and published."""
 
     rule: str
-    session_id: str
+    table: str
+    row_id: str
     due_at: str  # ISO 8601 UTC
     fired_at: str
     lateness_ms: int
@@ -62,15 +68,29 @@ class ActionEvent:
     reason: str | None = None
     detail: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def session_id(self) -> str | None:
+        return self.row_id if self.table == "sessions" else None
+
     def as_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"rule": self.rule, "session_id": self.session_id,
-                               "due_at": self.due_at, "fired_at": self.fired_at,
-                               "lateness_ms": self.lateness_ms, "outcome": self.outcome}
+        out: dict[str, Any] = {"rule": self.rule, "table": self.table, "row_id": self.row_id}
+        if self.table == "sessions":
+            out["session_id"] = self.row_id
+        out.update(due_at=self.due_at, fired_at=self.fired_at, lateness_ms=self.lateness_ms,
+                   outcome=self.outcome)
         if self.status is not None:
             out["status"], out["reason"] = self.status, self.reason
         if self.detail:
             out["detail"] = self.detail
         return out
+
+
+class WebhookPort(Protocol):
+    """Sends a rule's webhook event to the app (listener.webhooks.WebhookSender)."""
+
+    async def send(self, event: Any) -> Any:
+        """Deliver (retrying what is worth retrying); a result with `.ok` and
+        `.as_detail()`. Never raises for a delivery failure."""
 
 
 class EventPublisher(Protocol):

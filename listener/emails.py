@@ -14,8 +14,8 @@ The HTML is rendered by an environment with autoescape on, so every value
 taken from the database arrives as text; the subject and the plain text by an
 environment with autoescape off (no `&lt;` garbage in plain text).
 
-Determinism: an email is a pure function of the claim (rule, session, due
-instant), the recipient role, the session row and the contacts. No clock, no
+Determinism: an email is a pure function of the claim (rule, row, due
+instant), the recipient role, the row and the contacts. No clock, no
 randomness: a retry after a crash sends byte-identical content under the same
 Resend idempotency key (Resend answers 409 to a reused key with another body).
 Times shown are derived from the claim's due instant, not from "now".
@@ -32,11 +32,13 @@ import structlog
 from jinja2 import Environment, PackageLoader, StrictUndefined, Template
 
 from listener.effects import OutgoingEmail
+from listener.errors import is_transient
+from listener.retry import retrying
 from listener.executor import Deliverer
 from listener.instants import DAY, HOUR, MINUTE, SECOND, Instant, format_instant, to_datetime
 from listener.mailer import Mailer
-from listener.store import ActionKey, Contacts, Store
-from listener.rules.table import RuleTable
+from listener.rules.model import RuleSet, Table
+from listener.store import ActionKey, Contact, Store
 
 log = structlog.get_logger("listener.emails")
 
@@ -49,21 +51,11 @@ _SHARED_TEMPLATE = {
     "scheduled_reminder_15m": "scheduled_reminder",
 }
 
-# Every (rule, role) the default rules email, SPEC section 3.
-EMAILS: frozenset[tuple[str, str]] = frozenset({
-    ("mechanic_nudge", MECHANIC),
-    ("support_stuck_alert", SUPPORT),
-    ("support_reconnect_alert", SUPPORT),
-    ("support_unassigned_alert", SUPPORT),
-    ("request_expiry", CUSTOMER),
-    ("waiting_timeout", SUPPORT),
-    ("scheduled_reminder_24h", CUSTOMER), ("scheduled_reminder_24h", MECHANIC),
-    ("scheduled_reminder_1h", CUSTOMER), ("scheduled_reminder_1h", MECHANIC),
-    ("scheduled_reminder_15m", CUSTOMER), ("scheduled_reminder_15m", MECHANIC),
-    ("scheduled_no_show", SUPPORT),
-    ("summary_reminder", MECHANIC),
-    ("summary_overdue", SUPPORT),
-})
+
+def emails_of(ruleset: RuleSet) -> frozenset[tuple[str, str]]:
+    """Every (rule, role) the rules may email: each needs its template."""
+    return frozenset((rule.name, role.rstrip("?")) for rule in ruleset.all_rules
+                     for role in rule.notify)
 
 _SESSION_TYPES = {"chat", "video", "diagnostic"}
 _MAX_NAME = 80
@@ -134,13 +126,13 @@ def _clean_name(value: object) -> str | None:
     return text if len(text) <= _MAX_NAME else text[:_MAX_NAME - 1].rstrip() + "…"
 
 
-def _address(value: object, what: str, session_id: str) -> str:
+def _address(value: object, what: str, label: str, row_id: str) -> str:
     if not isinstance(value, str) or not value.strip():
-        raise MissingRecipient(f"no {what} email for session {session_id}")
+        raise MissingRecipient(f"no {what} email for {label} {row_id}")
     address = value.strip()
     if "@" not in address or any(c in address for c in "\r\n\t ,;"):
         # The address itself is not logged: it is personal data.
-        raise MissingRecipient(f"the {what} email of session {session_id} is not a valid address")
+        raise MissingRecipient(f"the {what} email of {label} {row_id} is not a valid address")
     return address
 
 
@@ -161,7 +153,8 @@ def _one_line(text: str) -> str:
 # -- composing -----------------------------------------------------------------------------
 
 @functools.cache
-def _compiled_templates() -> tuple[dict[str, tuple[Template, Template]], Template]:
+def _compiled_templates(emails: frozenset[tuple[str, str]]
+                        ) -> tuple[dict[str, tuple[Template, Template]], Template]:
     """Every email's template, compiled once per process for HTML and for text.
 
     Loading them all up front syntax-checks them at start-up, not at the first send.
@@ -172,7 +165,7 @@ def _compiled_templates() -> tuple[dict[str, tuple[Template, Template]], Templat
     html_env = Environment(autoescape=True, **common)
     text_env = Environment(autoescape=False, **common)
     templates: dict[str, tuple[Template, Template]] = {}
-    for rule, role in EMAILS:
+    for rule, role in sorted(emails):
         name = template_name(rule, role)
         if name not in templates:
             templates[name] = (html_env.get_template(name), text_env.get_template(name))
@@ -182,91 +175,99 @@ def _compiled_templates() -> tuple[dict[str, tuple[Template, Template]], Templat
 class EmailComposer:
     """Builds the OutgoingEmail of one (claim, role). Pure and deterministic."""
 
-    def __init__(self, table: RuleTable, app_url: str, sender: str,
+    def __init__(self, ruleset: RuleSet, app_url: str, sender: str,
                  support_email: str | None) -> None:
-        self.table = table
+        self.ruleset = ruleset
         self.app_url = app_url.strip().rstrip("/")
         self.sender = sender
         self.support_email = (support_email or "").strip() or None
-        self._templates, self._text_layout = _compiled_templates()
+        self.emails = emails_of(ruleset)
+        self._templates, self._text_layout = _compiled_templates(self.emails)
 
     @classmethod
-    def from_settings(cls, settings: Any, table: RuleTable) -> "EmailComposer":
-        return cls(table, settings.next_public_app_url, settings.email_from,
+    def from_settings(cls, settings: Any, ruleset: RuleSet) -> "EmailComposer":
+        return cls(ruleset, settings.next_public_app_url, settings.email_from,
                    settings.support_email)
 
     # -- links ------------------------------------------------------------------------
 
-    def link(self, role: str, session_id: str) -> str:
-        sid = quote(session_id, safe="")
-        if role == CUSTOMER:
-            return f"{self.app_url}/sessions/{sid}"
-        if role == MECHANIC:
-            return f"{self.app_url}/mechanic/dashboard?session={sid}"
-        if role == SUPPORT:
-            return f"{self.app_url}/admin/sessions/{sid}"
-        raise EmailCompositionError(f"unknown recipient role {role!r}")
+    def link(self, role: str, table: Table, row_id: str) -> str:
+        rid = quote(row_id, safe="")
+        if table.name == "sessions":
+            if role == MECHANIC:
+                return f"{self.app_url}/mechanic/dashboard?session={rid}"
+            if role == SUPPORT:
+                return f"{self.app_url}/admin/sessions/{rid}"
+            return f"{self.app_url}/sessions/{rid}"
+        if table.link:
+            return self.app_url + table.link.replace("{key}", rid)
+        return f"{self.app_url}/admin"
 
     # -- the email ----------------------------------------------------------------------
 
-    def recipient(self, role: str, session_id: str, contacts: Contacts) -> str:
-        if role == CUSTOMER:
-            return _address(contacts.customer_email, "customer", session_id)
-        if role == MECHANIC:
-            return _address(contacts.mechanic_email, "mechanic", session_id)
+    def recipient(self, role: str, label: str, row_id: str,
+                  contacts: Mapping[str, Contact]) -> str:
         if role == SUPPORT:
             if self.support_email is None:
                 raise MissingRecipient("SUPPORT_EMAIL is not set")
             return self.support_email
-        raise EmailCompositionError(f"unknown recipient role {role!r}")
+        contact = contacts.get(role)
+        return _address(contact.email if contact else None, role, label, row_id)
 
     def context(self, key: ActionKey, role: str, row: Mapping[str, Any],
-                contacts: Contacts) -> dict[str, Any]:
+                contacts: Mapping[str, Contact]) -> dict[str, Any]:
         try:
-            rule = self.table.by_name(key.rule)
+            rule = self.ruleset.by_name(key.rule)
         except KeyError:
             raise EmailCompositionError(f"rule {key.rule} is not in the rule table") from None
-        sid = key.session_id
+        table = self.ruleset.tables.get(key.table)
+        if table is None:
+            raise EmailCompositionError(f"table {key.table} is not in the rule table")
+        rid = key.row_key
         # The rule's anchor instant (e.g. scheduled_for, ended_at), from the claim:
-        # due = anchor + direction * offset.
-        anchor = key.due_at - rule.direction * rule.offset
+        # due = anchor + offset.
+        anchor = key.due_at - rule.offset
         session_type = row.get("type") if row.get("type") in _SESSION_TYPES else None
-        customer_name = _clean_name(contacts.customer_name)
-        mechanic_name = _clean_name(contacts.mechanic_name)
+        names = {r: _clean_name(c.name) for r, c in contacts.items()}
+        label = table.label or key.table.rstrip("s").replace("_", " ")
         return {
             "rule": key.rule,
             "role": role,
-            "session_id": sid,
-            "short_id": sid[:8],
+            "table": key.table,
+            "row_id": rid,
+            "row": dict(row),
+            "label": label,
+            "session_id": rid,
+            "short_id": rid[:8],
             "session_type": session_type,
             "session_label": f"{session_type} session" if session_type else "session",
             "duration": human_duration(rule.offset),
             "anchor_at": human_instant(anchor),
             "due_at": format_instant(key.due_at),
-            "link": self.link(role, sid),
-            "customer_name": customer_name,
-            "mechanic_name": mechanic_name,
-            "has_mechanic": bool(row.get("mechanic_id") or contacts.mechanic_email
-                                 or mechanic_name),
-            "recipient_name": {CUSTOMER: customer_name, MECHANIC: mechanic_name}.get(role),
+            "link": self.link(role, table, rid),
+            "customer_name": names.get(CUSTOMER),
+            "mechanic_name": names.get(MECHANIC),
+            "has_mechanic": bool(row.get("mechanic_id") or names.get(MECHANIC)
+                                 or (contacts.get(MECHANIC) and contacts[MECHANIC].email)),
+            "recipient_name": names.get(role),
         }
 
     def compose(self, key: ActionKey, role: str, row: Mapping[str, Any],
-                contacts: Contacts) -> OutgoingEmail:
-        if (key.rule, role) not in EMAILS:
+                contacts: Mapping[str, Contact]) -> OutgoingEmail:
+        if (key.rule, role) not in self.emails:
             raise EmailCompositionError(f"no email template for rule {key.rule} to {role}")
-        to = self.recipient(role, key.session_id, contacts)
         ctx = self.context(key, role, row, contacts)
+        to = self.recipient(role, ctx["label"], key.row_key, contacts)
         html_tmpl, text_tmpl = self._templates[template_name(key.rule, role)]
         subject = _one_line(self._block(text_tmpl, "subject", ctx))
         body = self._block(text_tmpl, "text", ctx).strip()
-        action = _one_line(self._block(text_tmpl, "action", ctx) or "Open the session")
+        action = _one_line(self._block(text_tmpl, "action", ctx) or f"Open the {ctx['label']}")
         text = _tidy_text(self._text_layout.render(ctx, body=body, action=action))
         html = html_tmpl.render(ctx).strip() + "\n"
         return OutgoingEmail(
             to=to, sender=self.sender, subject=subject, html=html, text=text,
             idempotency_key=f"{key.idempotency_key}/{role}",
-            rule=key.rule, session_id=key.session_id, role=role)
+            rule=key.rule, table=key.table, row_id=key.row_key, role=role)
 
     @staticmethod
     def _block(template: Template, name: str, ctx: dict[str, Any]) -> str:
@@ -279,17 +280,33 @@ class EmailComposer:
 # -- delivering ----------------------------------------------------------------------------
 
 class EmailDeliverer(Deliverer):
-    """The executor's email port: one email per recipient role, through the Mailer.
+    """The executor's email port: the emails of one action, through the Mailer.
 
     Returns {role: error} for every role that did not get its email, a missing
     or invalid address included (a failure recorded in the ledger, never a
-    silent skip). Cancellation (shutdown) propagates.
+    silent skip). Cancellation (shutdown) propagates. An action's emails go to
+    the mailer in one call, so they travel in one batch; the batch is frozen
+    in the ledger (`freeze`) under this term's fence before it is sent.
     """
 
     def __init__(self, store: Store, composer: EmailComposer, mail: Mailer) -> None:
         self.store = store
         self.composer = composer
         self.mail = mail
+        # Set by the executor of each lease term: a batch is recorded only by
+        # the instance that holds the lease.
+        self.fence: Any = None
+        if getattr(store, "freeze_batch", None) is not None and mail.freeze is None:
+            mail.freeze = self.freeze
+
+    async def freeze(self, batch_key: str, payload: Any, members: Any,
+                     supersedes: str | None = None) -> Any:
+        from listener.email_batch import FreezeRefused, frozen_batches
+
+        if self.fence is None:
+            raise FreezeRefused("no lease held")
+        return frozen_batches(await self.store.freeze_batch(  # type: ignore[attr-defined]
+            batch_key, list(payload), list(members), self.fence, supersedes))
 
     async def deliver(self, key: ActionKey, recipients: tuple[str, ...],
                       row: dict[str, Any]) -> dict[str, str]:
@@ -297,28 +314,36 @@ class EmailDeliverer(Deliverer):
         if not roles:
             return {}
         try:
-            contacts = await self.store.contacts(key.session_id)
+            # A dropped connection is not a missing address: retried like a
+            # transient email error, and the action fails only if it persists.
+            contacts = await retrying(lambda: self.store.contacts(key.table, key.row_key),
+                                      attempts=5, give_up_after=30.0, retry_on=is_transient,
+                                      event="contacts_retry",
+                                      context={"rule": key.rule, "table": key.table,
+                                               "row_id": key.row_key})
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - recorded per recipient
             error = f"contacts lookup failed: {type(exc).__name__}: {exc}"
             return {role: error for role in roles}
-        results = await asyncio.gather(*(self._one(key, role, row, contacts) for role in roles))
-        return {role: error for role, error in zip(roles, results) if error is not None}
-
-    async def _one(self, key: ActionKey, role: str, row: dict[str, Any],
-                   contacts: Contacts) -> str | None:
-        try:
-            email = self.composer.compose(key, role, row, contacts)
-        except EmailCompositionError as exc:
-            log.warning("email_not_composed", rule=key.rule, session_id=key.session_id,
-                        role=role, error=str(exc))
-            return str(exc)
-        except Exception as exc:  # noqa: BLE001 - a template bug fails this email only
-            log.error("email_template_error", rule=key.rule, session_id=key.session_id,
-                      role=role, error=repr(exc))
-            return f"email template error: {type(exc).__name__}: {exc}"
-        delivery = await self.mail.deliver(email)
-        if delivery.ok:
-            return None
-        return delivery.error or f"not sent after {delivery.attempts} attempts"
+        errors: dict[str, str] = {}
+        emails: list[OutgoingEmail] = []
+        sent_roles: list[str] = []
+        for role in roles:
+            try:
+                emails.append(self.composer.compose(key, role, row, contacts))
+                sent_roles.append(role)
+            except EmailCompositionError as exc:
+                log.warning("email_not_composed", rule=key.rule, table=key.table,
+                            row_id=key.row_key, role=role, error=str(exc))
+                errors[role] = str(exc)
+            except Exception as exc:  # noqa: BLE001 - a template bug fails this email only
+                log.error("email_template_error", rule=key.rule, table=key.table,
+                          row_id=key.row_key, role=role, error=repr(exc))
+                errors[role] = f"email template error: {type(exc).__name__}: {exc}"
+        if emails:
+            results = await self.mail.send(key, emails)
+            for role, error in zip(sent_roles, results):
+                if error is not None:
+                    errors[role] = error
+        return errors

@@ -1,13 +1,16 @@
-"""The rule engine: session states and changes in, due timers and decisions out.
+"""The rule engine: row states and changes in, due timers and decisions out.
 
 Pure: no I/O, no clock. Callers pass instants in and act on what comes out;
 the same engine runs under the live scheduler and under replay.
 
-Timers live in one heap of (due, rule index, session id). An entry is never
+Timers live in one heap of (due, rule index, row key); the rule index names the
+table, and rules are numbered in table order, so the heap's order is the
+firing order: due instant, then table order, then key. An entry is never
 removed when a change makes it obsolete; it is checked when it comes due
-(lazy invalidation): the rule's due instant is recomputed from the session's
+(lazy invalidation): the rule's due instant is recomputed from the row's
 current state, and the entry fires only if it still matches and that episode
-has not fired. That keeps a change O(rules) and memory per session small.
+has not fired. That keeps a change O(rules of its table) and memory per row
+small.
 """
 from __future__ import annotations
 
@@ -17,17 +20,17 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, NamedTuple
 
 from listener.instants import HOUR, Instant
-from listener.sessions import SessionState, parse_row, session_id_of
-from listener.rules.table import (
-    KNOWN_STATUSES, MECHANIC_IF_ASSIGNED, SKIP_PAST_QUARTER, TERMINAL, Rule, RuleTable)
+from listener.rows import BadRow, ChildCodec, RowCodec, RowState
+from listener.rules.model import Lateness, Outcome, Rule, RuleSet, SumTerm, Table
 
-FIRE, LATE, SKIP = "fired", "late", "skipped"
+DueFunction = Callable[[RowState], "Instant | None"]
 
 
 class Timer(NamedTuple):
     rule: Rule
     rule_index: int
-    session_id: str
+    table: str
+    key: str
     due: Instant
 
 
@@ -36,8 +39,8 @@ class Decision(NamedTuple):
 
     timer: Timer
     fired_at: Instant
-    outcome: str  # FIRE: full effect; LATE: status change only; SKIP: nothing
-    recipients: tuple[str, ...]  # roles to email (empty when LATE or SKIP)
+    outcome: Outcome  # FIRED: full effect; LATE: no email; SKIPPED: nothing
+    recipients: tuple[str, ...]  # roles to email (empty when LATE or SKIPPED)
     detail: str | None = None
 
     @property
@@ -49,201 +52,402 @@ class Decision(NamedTuple):
 class Applied:
     """What one change did to the engine."""
 
-    session_id: str
+    table: str
+    key: str
     problems: list[str]
-    new_status: str | None = None  # set when the status is one the engine does not know
+    new_status: str | None = None  # set when the status is one the table does not know
+    ignored: bool = False  # a table no rule reads
+    armed: int = 0  # episodes this change made owed that were not before
 
 
-DueFunction = Callable[[SessionState], "Instant | None"]
+class UnknownValue(NamedTuple):
+    """A value a map lacks (a plan with no length): reported once per value."""
+
+    table: str
+    column: str
+    value: Any
 
 
-def compile_due(rule: Rule) -> DueFunction:
+def compile_due(rule: Rule, table: Table, maps: Mapping[str, Mapping[str, float]],
+                sums: Mapping[SumTerm, dict[str, float]],
+                unknown: Callable[[str, Any], None]) -> DueFunction:
     """Turn a rule's declaration into a function of a state: its due instant or None.
 
     The engine evaluates rules on every change, so each declaration becomes
-    straight-line code once, at start. Column names are checked against the
-    state's slots, so nothing but a known attribute reaches the source.
+    straight-line code once, at start. Only column names checked as
+    identifiers reach the source; values go through the namespace.
     """
-    columns = rule.when.present + rule.when.absent + rule.anchor
-    unknown = [c for c in columns if c not in SessionState.__slots__]
-    if unknown:
-        raise ValueError(f"rule {rule.name}: unknown columns {unknown}")
-    lines = ["def due(s):", "    if s.status not in STATUSES: return None"]
-    lines += [f"    if s.{c} is None: return None" for c in rule.when.present]
-    lines += [f"    if s.{c} is not None: return None" for c in rule.when.absent]
-    lines.append(f"    a = s.{rule.anchor[0]}")
-    for column in rule.anchor[1:]:
-        lines += [f"    b = s.{column}", "    if b is not None and (a is None or b > a): a = b"]
-    lines += ["    if a is None: return None", f"    return a + {rule.direction * rule.offset}"]
-    namespace: dict = {"STATUSES": rule.when.statuses}
+    namespace: dict[str, Any] = {"STATUSES": rule.statuses, "UNKNOWN": unknown}
+    status = table.status
+    lines = ["def due(s):"]
+    if rule.statuses:
+        lines.append(f"    if s.{status} not in STATUSES: return None")
+    lines += [f"    if s.{c} is None: return None" for c in rule.present if c not in table.derived]
+    lines += [f"    if s.{c} is not None: return None" for c in rule.absent
+              if c not in table.derived]
+    lines.append("    a = None")
+    for n, anchor in enumerate(rule.anchor):
+        derived = table.derived.get(anchor)
+        if derived is None:
+            lines.append(f"    b = s.{anchor}")
+        else:
+            lines.append(f"    b = s.{derived.start}")
+            for m, term in enumerate(derived.lookups):
+                values = maps.get(term.map, {})
+                namespace[f"MAP{n}_{m}"] = {k: round(v * term.unit) for k, v in values.items()}
+                lines += [f"    if b is not None:",
+                          f"        v = s.{term.column}",
+                          f"        d = MAP{n}_{m}.get(v) if v is not None else None",
+                          f"        if d is None:",
+                          f"            UNKNOWN({term.column!r}, v)",
+                          f"            b = None",
+                          f"        else: b += d"]
+            for m, term in enumerate(derived.sums):
+                namespace[f"SUM{n}_{m}"] = sums[term]
+                lines += [f"    if b is not None: b += round(SUM{n}_{m}.get(s._key, 0) * {term.unit})"]
+        lines.append("    if b is not None and (a is None or b > a): a = b")
+    lines += ["    if a is None: return None", f"    return a + {rule.offset}"]
     exec("\n".join(lines), namespace)  # noqa: S102 - source built from checked names only
     return namespace["due"]
 
 
+class TableState:
+    """The engine's rows of one table and the rules that read them."""
+
+    __slots__ = ("name", "table", "codec", "rows", "by_status", "always", "tombstones")
+
+    def __init__(self, table: Table, codec: RowCodec) -> None:
+        self.name = table.name
+        self.table = table
+        self.codec = codec
+        self.rows: dict[str, RowState] = {}
+        self.by_status: dict[str, tuple[tuple[int, DueFunction], ...]] = {}
+        self.always: tuple[tuple[int, DueFunction], ...] = ()  # rules for every status
+        # Rows that owe nothing are forgotten (memory is for live work); what is
+        # left of them is the state they were in (for inferring when a later
+        # change entered its status) and their fired episodes, in case the row
+        # comes back with the same anchors. Bounded: live, the ledger is the authority.
+        self.tombstones: OrderedDict[str, RowState] = OrderedDict()
+
+    def rules_for(self, status: str) -> tuple[tuple[int, DueFunction], ...]:
+        found = self.by_status.get(status, ())
+        return found + self.always if self.always else found
+
+
 class Engine:
-    def __init__(self, table: RuleTable, max_notify_lateness: int = HOUR) -> None:
-        self.rules: tuple[Rule, ...] = tuple(table)
+    def __init__(self, ruleset: RuleSet, max_notify_lateness: int = HOUR) -> None:
+        self.ruleset = ruleset
+        self.rules: tuple[Rule, ...] = ruleset.rules
         self.max_notify_lateness = max_notify_lateness
-        self.sessions: dict[str, SessionState] = {}
-        self.armed = 0  # pending (rule, session, due) episodes
-        self._heap: list[tuple[Instant, int, str]] = []
-        self._due = [compile_due(rule) for rule in self.rules]
-        self._by_status: dict[str, tuple[tuple[int, DueFunction], ...]] = {}
-        for index, rule in enumerate(self.rules):
-            for status in rule.when.statuses:
-                self._by_status[status] = (self._by_status.get(status, ())
-                                           + ((index, self._due[index]),))
-        self._unknown_statuses: set[str] = set()
-        # Fired episodes of sessions forgotten as terminal, in case the row comes
-        # back with the same anchors. Bounded: live, the ledger is the authority.
-        self._tombstones: OrderedDict[str, tuple[tuple[int, Instant], ...]] = OrderedDict()
+        self.armed = 0  # pending (rule, row, due) episodes
         self.max_tombstones = 100_000
+        self._heap: list[tuple[Instant, int, str]] = []
+        self._unknown_values: set[UnknownValue] = set()
+        self._unknown_statuses: set[tuple[str, str]] = set()
+        self.new_unknown_values: list[UnknownValue] = []  # drained by the caller
+        self.tables: dict[str, TableState] = {}
+        # Child tables: child rows by key -> (parent key, numbers), and the sums per term.
+        self._sums: dict[SumTerm, dict[str, float]] = {}
+        self._children: dict[str, tuple[ChildCodec, list[tuple[str, SumTerm]],
+                                        dict[str, tuple[str | None, tuple[float, ...]]]]] = {}
+        for child, uses in ruleset.child_tables().items():
+            declared = ruleset.tables.get(child) or Table(child)
+            codec = ChildCodec(child, declared.key, uses[0][1].by,
+                               tuple(dict.fromkeys(t.column for _, t in uses)))
+            self._children[child] = (codec, uses, {})
+            for _, term in uses:
+                self._sums.setdefault(term, {})
+        self._due: list[DueFunction] = []
+        self._rule_table: list[TableState] = []
+        for index, rule in enumerate(self.rules):
+            state = self.tables.get(rule.table)
+            if state is None:
+                table = ruleset.tables[rule.table]
+                codec = RowCodec(table, [r for r in self.rules if r.table == rule.table])
+                state = self.tables[rule.table] = TableState(table, codec)
+            due = compile_due(rule, state.table, ruleset.maps, self._sums,
+                              self._unknown_reporter(rule.table))
+            self._due.append(due)
+            self._rule_table.append(state)
+            if rule.statuses:
+                for status in rule.statuses:
+                    state.by_status[status] = state.by_status.get(status, ()) + ((index, due),)
+            else:
+                state.always += ((index, due),)
+
+    def _unknown_reporter(self, table: str) -> Callable[[str, Any], None]:
+        def report(column: str, value: Any) -> None:
+            if value is None:
+                return
+            item = UnknownValue(table, column, value)
+            if item not in self._unknown_values:
+                self._unknown_values.add(item)
+                self.new_unknown_values.append(item)
+        return report
 
     # -- the rules, interpreted ------------------------------------------------
 
-    def due_of(self, index: int, state: SessionState) -> Instant | None:
+    def watches(self, table: str) -> bool:
+        return table in self.tables or table in self._children
+
+    def row(self, table: str, key: str) -> RowState | None:
+        state = self.tables.get(table)
+        return None if state is None else state.rows.get(key)
+
+    @property
+    def tracked(self) -> int:
+        return sum(len(t.rows) for t in self.tables.values())
+
+    def due_of(self, index: int, state: RowState) -> Instant | None:
         """The rule's due instant for this state, or None when it does not apply."""
         return self._due[index](state)
 
-    def pending(self, state: SessionState) -> list[tuple[int, Instant]]:
+    def pending(self, table: TableState, state: RowState) -> list[tuple[int, Instant]]:
         """(rule index, due) of every episode this state still owes."""
         out = []
-        fired = state.fired
-        for index, due_of in self._by_status.get(state.status, ()):
+        fired = state._fired
+        for index, due_of in table.rules_for(getattr(state, table.codec.status)):
             due = due_of(state)
             if due is not None and (not fired or (index, due) not in fired):
                 out.append((index, due))
         return out
 
+    def parse(self, table: str, row: Mapping[str, Any], at: Instant | None) -> RowState:
+        """A row as state, without applying it (the guard reads fresh rows so)."""
+        ts = self.tables[table]
+        key = ts.codec.key_of(row)
+        return ts.codec.parse(row, ts.rows.get(key), at)[0]
+
     # -- changes -----------------------------------------------------------------
 
-    def upsert(self, row: Mapping[str, Any], at: Instant | None) -> Applied:
+    def upsert(self, table: str, row: Mapping[str, Any], at: Instant | None) -> Applied:
         """Apply an INSERT or UPDATE (or a row read back from the store).
 
-        Raises BadRow when the row has no usable id or status.
+        Raises BadRow when the row has no usable key or status.
         """
-        sid = session_id_of(row)
-        old = self.sessions.get(sid)
-        new, problems = parse_row(row, old, at)
-        applied = Applied(sid, problems)
-        if new.status not in KNOWN_STATUSES and new.status not in self._unknown_statuses:
-            self._unknown_statuses.add(new.status)
-            applied.new_status = new.status
+        ts = self.tables.get(table)
+        if ts is None:
+            if table in self._children:
+                return self._upsert_child(table, row)
+            return Applied(table, "", [], ignored=True)
+        codec = ts.codec
+        key = codec.key_of(row)
+        old = ts.rows.get(key)
+        gone = ts.tombstones.pop(key, None) if old is None else None
+        new, problems = codec.parse_keyed(row, key, old or gone, at)
+        applied = Applied(table, key, problems)
+        status = getattr(new, codec.status)
+        known = ts.table.known_statuses
+        if known and status not in known and (table, status) not in self._unknown_statuses:
+            self._unknown_statuses.add((table, status))
+            applied.new_status = status
         if old is not None:
-            new.fired = old.fired
-            old_pending = self.pending(old)
+            new._fired = old._fired
+            old_pending = self.pending(ts, old)
         else:
-            new.fired = self._tombstones.pop(sid, ())
+            new._fired = gone._fired if gone is not None else ()
             old_pending = []
-        new_pending = self.pending(new)
-        self.armed += len(new_pending) - len(old_pending)
-        for index, due in new_pending:
-            if (index, due) not in old_pending:
-                heapq.heappush(self._heap, (due, index, new.id))
-        if new_pending or new.status not in TERMINAL and new.status in KNOWN_STATUSES:
-            self.sessions[sid] = new
-        else:
-            # Terminal with nothing owed: forget it, memory is for live work.
-            self._forget(sid, new)
-        self._compact_if_bloated()
+        applied.armed = self._arm(ts, key, new, old_pending)
         return applied
 
-    def delete(self, session_id: str) -> bool:
-        old = self.sessions.get(session_id)
+    def _arm(self, ts: TableState, key: str, new: RowState,
+             old_pending: list[tuple[int, Instant]]) -> int:
+        """Put `new` in place of the row's state; the number of episodes newly owed."""
+        new_pending = self.pending(ts, new)
+        self.armed += len(new_pending) - len(old_pending)
+        added = 0
+        for index, due in new_pending:
+            if (index, due) not in old_pending:
+                heapq.heappush(self._heap, (due, index, new._key))
+                added += 1
+        if new_pending:
+            ts.rows[key] = new
+        else:
+            self._forget(ts, key, new)
+        self._compact_if_bloated()
+        return added
+
+    def _upsert_child(self, table: str, row: Mapping[str, Any]) -> Applied:
+        codec, uses, rows = self._children[table]
+        key, parent, numbers, problems = codec.parse(row)
+        old = rows.get(key)
+        if parent is None:
+            rows.pop(key, None)
+        else:
+            rows[key] = (parent, numbers)
+        self._child_changed(uses, codec, old, (parent, numbers) if parent is not None else None)
+        return Applied(table, key, problems)
+
+    def _child_changed(self, uses: list[tuple[str, SumTerm]], codec: ChildCodec,
+                       old: tuple[str | None, tuple[float, ...]] | None,
+                       new: tuple[str | None, tuple[float, ...]] | None) -> None:
+        parents = {p for p in (old and old[0], new and new[0]) if p is not None}
+        before = {}
+        for parent_table in {t for t, _ in uses}:
+            ts = self.tables[parent_table]
+            for parent in parents:
+                state = ts.rows.get(parent)
+                if state is not None:
+                    before[(parent_table, parent)] = self.pending(ts, state)
+        for _, term in uses:
+            sums = self._sums[term]
+            index = codec.columns.index(term.column)
+            for side, sign in ((old, -1), (new, +1)):
+                if side is not None and side[0] is not None:
+                    total = sums.get(side[0], 0) + sign * side[1][index]
+                    if total:
+                        sums[side[0]] = total
+                    else:
+                        sums.pop(side[0], None)
+        for (parent_table, parent), old_pending in before.items():
+            ts = self.tables[parent_table]
+            self._arm(ts, parent, ts.rows[parent], old_pending)
+
+    def delete(self, table: str, key: str) -> bool:
+        ts = self.tables.get(table)
+        if ts is None:
+            if table in self._children:
+                codec, uses, rows = self._children[table]
+                old = rows.pop(key, None)
+                if old is not None:
+                    self._child_changed(uses, codec, old, None)
+                    return True
+            return False
+        old = ts.rows.get(key)
         if old is None:
             return False
-        self.armed -= len(self.pending(old))
-        self._forget(session_id, old)
+        self.armed -= len(self.pending(ts, old))
+        self._forget(ts, key, old)
         return True
 
-    def _forget(self, sid: str, state: SessionState) -> None:
-        self.sessions.pop(sid, None)
-        if state.fired:
-            self._tombstones[sid] = state.fired
-            if len(self._tombstones) > self.max_tombstones:
-                self._tombstones.popitem(last=False)
+    def _forget(self, ts: TableState, key: str, state: RowState) -> None:
+        ts.rows.pop(key, None)
+        ts.tombstones[key] = state
+        ts.tombstones.move_to_end(key)
+        if len(ts.tombstones) > self.max_tombstones:
+            ts.tombstones.popitem(last=False)
+
+    def keys(self, table: str) -> list[str]:
+        ts = self.tables.get(table)
+        if ts is not None:
+            return list(ts.rows)
+        if table in self._children:
+            return list(self._children[table][2])
+        return []
 
     # -- time ----------------------------------------------------------------------
+
+    def _live(self, due: Instant, index: int, key: str) -> RowState | None:
+        state = self._rule_table[index].rows.get(key)
+        if state is not None and self._due[index](state) == due \
+                and (index, due) not in state._fired:
+            return state
+        return None
 
     def next_due(self) -> Instant | None:
         """The earliest instant a timer may be due (obsolete entries dropped first)."""
         heap = self._heap
         while heap:
-            due, index, sid = heap[0]
-            state = self.sessions.get(sid)
-            if state is not None and self.due_of(index, state) == due \
-                    and (index, due) not in state.fired:
+            due, index, key = heap[0]
+            if self._live(due, index, key) is not None:
                 return due
             heapq.heappop(heap)
         return None
 
+    def may_be_due(self, until: Instant) -> bool:
+        """Whether pop_due(until) may find a timer (false: it certainly finds none)."""
+        return bool(self._heap) and self._heap[0][0] <= until
+
     def pop_due(self, until: Instant) -> Timer | None:
         """The next timer due at or before `until`, marked as fired; None if none.
 
-        Order: due instant, then table order, then session id. Each pop sees the
-        state left by everything applied before it.
+        Order: due instant, then table order, then key. Each pop sees the state
+        left by everything applied before it.
         """
         heap = self._heap
         while heap and heap[0][0] <= until:
-            due, index, sid = heapq.heappop(heap)
-            state = self.sessions.get(sid)
-            if state is None or self.due_of(index, state) != due or (index, due) in state.fired:
+            due, index, key = heapq.heappop(heap)
+            state = self._live(due, index, key)
+            if state is None:
                 continue
-            state.fired = state.fired + ((index, due),)
+            ts = self._rule_table[index]
+            state._fired = state._fired + ((index, due),)
             self.armed -= 1
-            if state.status in TERMINAL and not self.pending(state):
-                self._forget(sid, state)
-            return Timer(self.rules[index], index, sid, due)
+            return Timer(self.rules[index], index, ts.name, key, due)
         return None
 
     def release(self, timer: Timer) -> None:
         """Undo pop_due for a timer that was not acted on (its guard failed live)."""
-        state = self.sessions.get(timer.session_id)
-        if state is None or (timer.rule_index, timer.due) not in state.fired:
+        ts = self._rule_table[timer.rule_index]
+        state = ts.rows.get(timer.key)
+        if state is None:
+            # Forgotten meanwhile: the episode must not stay "fired" in what is
+            # left of it, or the row read back by the next sweep would not re-arm it.
+            gone = ts.tombstones.get(timer.key)
+            if gone is not None:
+                gone._fired = tuple(f for f in gone._fired
+                                    if f != (timer.rule_index, timer.due))
             return
-        state.fired = tuple(f for f in state.fired if f != (timer.rule_index, timer.due))
-        if self.due_of(timer.rule_index, state) == timer.due:
+        if (timer.rule_index, timer.due) not in state._fired:
+            return
+        state._fired = tuple(f for f in state._fired if f != (timer.rule_index, timer.due))
+        if self._due[timer.rule_index](state) == timer.due:
             self.armed += 1
-            heapq.heappush(self._heap, (timer.due, timer.rule_index, timer.session_id))
+            heapq.heappush(self._heap, (timer.due, timer.rule_index, timer.key))
+
+    def settle(self, table: str, key: str) -> None:
+        """Forget a row that owes nothing more, once its last action is done."""
+        ts = self.tables.get(table)
+        state = ts.rows.get(key) if ts is not None else None
+        if state is not None and not self.pending(ts, state):
+            self._forget(ts, key, state)
 
     # -- deciding ------------------------------------------------------------------
 
-    def holds(self, timer: Timer, state: SessionState) -> bool:
+    def holds(self, timer: Timer, state: RowState) -> bool:
         """The guard: does the timer's rule still apply, with the same due, to `state`?"""
-        return self.due_of(timer.rule_index, state) == timer.due
+        return self._due[timer.rule_index](state) == timer.due
 
-    def decide(self, timer: Timer, state: SessionState, fired_at: Instant) -> Decision:
+    def decide(self, timer: Timer, state: RowState, fired_at: Instant) -> Decision:
         rule = timer.rule
         lateness = fired_at - timer.due
-        if rule.lateness == SKIP_PAST_QUARTER:
+        if rule.lateness is Lateness.SKIP_PAST_QUARTER:
             # Reminders answer only to this limit, not to MAX_NOTIFY_LATENESS.
-            if lateness * 4 > rule.offset:
-                return Decision(timer, fired_at, SKIP, (), "too late to remind")
+            if lateness * 4 > abs(rule.offset):
+                return Decision(timer, fired_at, Outcome.SKIPPED, (), "too late to remind")
         elif lateness > self.max_notify_lateness:
-            return Decision(timer, fired_at, LATE, (), "past MAX_NOTIFY_LATENESS: no email")
+            return Decision(timer, fired_at, Outcome.LATE, (),
+                            "past MAX_NOTIFY_LATENESS: no email")
         recipients = []
+        table = self._rule_table[timer.rule_index].table
         for role in rule.notify:
-            if role == MECHANIC_IF_ASSIGNED:
-                if state.mechanic_id:
-                    recipients.append("mechanic")
+            if role.endswith("?"):
+                bare = role[:-1]
+                sources = table.recipients[bare].sources
+                if any(getattr(state, s.column, None) for s in sources if s.column):
+                    recipients.append(bare)
             else:
                 recipients.append(role)
-        return Decision(timer, fired_at, FIRE, tuple(recipients))
+        return Decision(timer, fired_at, Outcome.FIRED, tuple(recipients))
 
     # -- inspection ------------------------------------------------------------------
 
-    def upcoming(self) -> Iterator[tuple[Instant, Rule, str]]:
-        """Every pending episode, soonest first (for `listener plan`)."""
-        items = [(due, index, sid) for sid, state in self.sessions.items()
-                 for index, due in self.pending(state)]
+    def upcoming(self) -> Iterator[tuple[Instant, Rule, str, str]]:
+        """Every pending episode, soonest first: (due, rule, table, key)."""
+        items = [(due, index, key) for ts in self.tables.values()
+                 for key, state in ts.rows.items() for index, due in self.pending(ts, state)]
         items.sort()
-        for due, index, sid in items:
-            yield due, self.rules[index], sid
+        for due, index, key in items:
+            yield due, self.rules[index], self._rule_table[index].name, key
 
     def _compact_if_bloated(self) -> None:
         # Obsolete entries normally drain as they come due; a row whose far-future
         # deadline moves often would grow the heap without bound, so rebuild it.
         if len(self._heap) > 4 * self.armed + 10_000:
-            self._heap = [(due, index, sid) for sid, state in self.sessions.items()
-                          for index, due in self.pending(state)]
+            self._heap = [(due, index, key) for ts in self.tables.values()
+                          for key, state in ts.rows.items()
+                          for index, due in self.pending(ts, state)]
             heapq.heapify(self._heap)
+
+
+__all__ = ["Applied", "BadRow", "Decision", "Engine", "Timer", "UnknownValue"]

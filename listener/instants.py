@@ -16,23 +16,33 @@ HOUR: int = 60 * MINUTE
 DAY: int = 24 * HOUR
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_NAIVE_EPOCH = datetime(1970, 1, 1)
 # Instants beyond this are treated as bad input: a year-9999 `expires_at` is a
 # typo or a sentinel, not a deadline to hold in memory.
 MAX_INSTANT: Instant = int((datetime(2200, 1, 1, tzinfo=timezone.utc) - _EPOCH).total_seconds()) * SECOND
 
 
 class BadInstant(ValueError):
-    pass
+    """A timestamp that is no instant we act on: unreadable, infinite, or out of range."""
 
 
-_parsed: dict[str, Instant | None] = {}
+# The longest timestamp PostgreSQL writes is about 42 characters
+# ("294276-12-31T23:59:59.999999+05:53:28 BC"); anything longer is garbage.
+_MAX_TEXT = 64
+_INFINITE = {"infinity", "+infinity", "-infinity"}
+_YEAR_BEYOND_9999 = re.compile(r"^\+?\d{5,}-\d")
+
+_parsed: dict[str, Instant] = {}
 
 
 def parse_instant(value: object) -> Instant | None:
-    """ISO 8601 text (or a datetime) to an instant; None stays None.
+    """ISO 8601 / PostgreSQL text (or a datetime) to an instant; None stays None.
 
     A value without a zone is taken as UTC, as PostgreSQL `timestamp` columns
-    and hand-written logs mean it. Raises BadInstant on anything else.
+    and hand-written logs mean it. Raises BadInstant, and nothing else, for
+    anything that is not an instant within MAX_INSTANT of the epoch: garbage,
+    other types, `infinity` (a deadline at infinity is no deadline), BC dates,
+    years Python cannot hold.
     """
     if value is None:
         return None
@@ -53,18 +63,32 @@ def parse_instant(value: object) -> Instant | None:
 
 def _datetime_of_text(value: str) -> datetime:
     text = value.strip()
+    if len(text) > _MAX_TEXT:
+        raise BadInstant(f"unparsable timestamp {value!r:.60}")
+    if text.lower() in _INFINITE:
+        raise BadInstant(f"timestamp {text!r} is no deadline")
+    if text.upper().endswith(" BC"):
+        raise BadInstant(f"timestamp before the common era {value!r:.60}")
+    if _YEAR_BEYOND_9999.match(text):
+        raise BadInstant(f"timestamp out of range {value!r:.60}")
     if text.endswith(("Z", "z")):
         text = text[:-1] + "+00:00"
     try:
         return datetime.fromisoformat(text)
-    except ValueError:
+    except (ValueError, OverflowError, TypeError):
         raise BadInstant(f"unparsable timestamp {value!r:.60}") from None
 
 
 def _instant_of(dt: datetime, original: object) -> Instant:
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
-    delta = dt - _EPOCH
+    try:
+        offset = dt.utcoffset()
+    except Exception as exc:  # noqa: BLE001 - a foreign tzinfo may fail any way it likes
+        raise BadInstant(f"timestamp {original!r:.60}: zone offset {type(exc).__name__}") from None
+    # Subtract the offset from the fields, never build the UTC datetime, so
+    # year 1 or 9999 with an offset cannot overflow.
+    delta = dt.replace(tzinfo=None) - _NAIVE_EPOCH
+    if offset is not None:
+        delta -= offset
     instant = (delta.days * 86_400 + delta.seconds) * SECOND + delta.microseconds
     if not -MAX_INSTANT < instant < MAX_INSTANT:
         raise BadInstant(f"timestamp out of range {original!r:.60}")

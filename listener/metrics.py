@@ -27,6 +27,12 @@ EMAIL_FAILURES = Counter("listener_email_failures_total",
 MQTT_BUFFER = Gauge("listener_mqtt_buffer_depth", "Events waiting for the broker", registry=REGISTRY)
 MQTT_DROPPED = Counter("listener_mqtt_dropped_total", "Events dropped from a full MQTT buffer",
                        registry=REGISTRY)
+BUGS = Counter("listener_bugs_total",
+               "Unexpected exceptions in a part of the daemon (logged with a traceback; the "
+               "part restarts)", ["part"], registry=REGISTRY)
+CATCH_UPS = Counter("listener_catch_up_rows_total",
+                    "Rows the incremental read found that no change had brought",
+                    registry=REGISTRY)
 LEASE_HELD = Gauge("listener_lease_held", "1 while this instance holds the lease", registry=REGISTRY)
 
 

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from listener.instants import parse_duration
@@ -18,8 +19,15 @@ def _duration(value: object, name: str) -> int:
         raise ValueError(f"{name}: {exc}") from None
 
 
+def _config_error(message: str) -> PydanticCustomError:
+    # Not ValueError: its message would gain a "Value error, " prefix.
+    return PydanticCustomError("configuration", message)
+
+
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
+    # Inputs stay out of error messages: they may hold a secret.
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True,
+                                      hide_input_in_errors=True)
 
     database_url: str | None = None
     supabase_url: str | None = Field(
@@ -28,7 +36,9 @@ class Settings(BaseSettings):
 
     resend_api_key: SecretStr | None = None
     resend_api_url: str | None = None
-    resend_rate_limit: float = Field(2.0, gt=0)  # requests per second, Resend's default
+    # Requests per second: Resend's current default team limit. The mailer slows
+    # down by itself when the server's ratelimit-limit says less.
+    resend_rate_limit: float = Field(5.0, gt=0)
     email_max_attempts: int = Field(5, ge=1, le=20)
     email_from: str = "The Auto Doctor <noreply@theautodoctor.com>"
     support_email: str | None = None
@@ -37,6 +47,8 @@ class Settings(BaseSettings):
     email_outbox: Path | None = None
 
     mqtt_url: str | None = None
+    webhook_url: str | None = None
+    webhook_secret: SecretStr | None = None
     log_level: str = "INFO"
 
     max_notify_lateness: int = 3600 * 1_000_000
@@ -44,6 +56,8 @@ class Settings(BaseSettings):
     lease_ttl: int = 15 * 1_000_000
     ops_port: int | None = None
     ops_host: str = "127.0.0.1"
+    # /report on the ops port is served only with this token (bearer or ?token=).
+    ops_token: SecretStr | None = None
     listener_data_dir: Path = Path(".listener")
     instance_name: str | None = None
 
@@ -51,6 +65,27 @@ class Settings(BaseSettings):
     @classmethod
     def _durations(cls, value: object, info) -> int:  # type: ignore[no-untyped-def]
         return _duration(value, info.field_name.upper())
+
+    @model_validator(mode="after")
+    def _webhook_pair(self) -> Settings:
+        # Either half alone is a mistake: unsigned calls, or a secret for nothing.
+        url, secret = self.webhook_url or None, self.webhook_secret
+        secret_text = secret.get_secret_value() if secret is not None else ""
+        if bool(url) != bool(secret_text):
+            missing = "WEBHOOK_SECRET" if url else "WEBHOOK_URL"
+            raise _config_error(f"WEBHOOK_URL and WEBHOOK_SECRET go together: {missing} is not set")
+        if url and not url.startswith(("http://", "https://")):
+            raise _config_error("WEBHOOK_URL must start with http:// or https://")
+        if secret_text and len(secret_text) < 16:
+            raise _config_error("WEBHOOK_SECRET must be at least 16 characters "
+                                "(for example: openssl rand -hex 32)")
+        return self
+
+    @field_validator("ops_token", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        # OPS_TOKEN= (set but empty) must not turn /report on with an empty token.
+        return None if isinstance(value, str) and not value.strip() else value
 
     @property
     def backend(self) -> str:

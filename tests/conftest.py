@@ -13,6 +13,9 @@ import psycopg
 import pytest
 
 from listener import migrate
+from listener.instants import HOUR
+from listener.rules import load_rules
+from listener.rules.query import table_queries
 
 
 def _server_conninfo() -> tuple[str, object | None]:
@@ -66,7 +69,9 @@ def pg_template(pg_admin: str) -> Iterator[str]:
     with psycopg.connect(pg_admin, autocommit=True) as conn:
         conn.execute(f'drop database if exists "{name}"')
         conn.execute(f'create database "{name}"')
-    migrate.apply(with_dbname(pg_admin, name), include_reference=True)
+    # The shipped packs' per-table objects (triggers, columns), as `listener migrate` installs them.
+    migrate.apply(with_dbname(pg_admin, name), include_reference=True,
+                  queries=table_queries(load_rules({}), HOUR))
     yield name
     with psycopg.connect(pg_admin, autocommit=True) as conn:
         conn.execute(f'drop database if exists "{name}" with (force)')
@@ -77,3 +82,14 @@ def database(pg_admin: str, pg_template: str) -> Iterator[str]:
     """A fresh, migrated database; its conninfo."""
     with scratch_database(pg_admin, "listener_t_", pg_template) as conninfo:
         yield conninfo
+
+
+@pytest.fixture(scope="session")
+def pg_cron_cluster():
+    """A PostgreSQL cluster of the tests' own with pg_cron preloaded (tests/pgcron.py)."""
+    from tests.pgcron import available, cron_cluster
+
+    missing = available()
+    if missing is not None:
+        pytest.fail(f"pg_cron tests need the extension: {missing}")
+    yield from cron_cluster()

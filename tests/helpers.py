@@ -5,7 +5,8 @@ import asyncio
 import io
 import json
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from pathlib import Path
+from typing import Any, Iterable
 
 from listener.replay import run_replay
 from listener.rules import load_rules
@@ -35,22 +36,38 @@ def row(sid: str = "s1", status: str = "pending", **fields: Any) -> dict[str, An
     return base
 
 
-def event(when: datetime, kind: str, record: dict[str, Any]) -> dict[str, Any]:
+def event(when: datetime, kind: str, record: dict[str, Any],
+          table: str | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"at": iso(when), "type": kind}
+    if table is not None:
+        out["table"] = table
     if kind == "DELETE":
-        return {"at": iso(when), "type": kind, "old_record": {"id": record["id"]}}
-    return {"at": iso(when), "type": kind, "record": record}
+        out["old_record"] = {"id": record["id"]}
+    else:
+        out["record"] = record
+    return out
+
+
+def extension(xid: str, sid: str | None, minutes: Any) -> dict[str, Any]:
+    """A paid extension: a session_extensions row."""
+    return {"id": xid, "session_id": sid, "minutes": minutes, "payment_intent_id": f"pi_{xid}"}
+
+
+def extension_event(when: datetime, kind: str, record: dict[str, Any]) -> dict[str, Any]:
+    return event(when, kind, record, table="session_extensions")
 
 
 def replay(events: list[dict[str, Any] | str], env: dict[str, str] | None = None,
            until: datetime | None = None, max_late_us: int = 3600 * 10**6,
-           ) -> tuple[list[dict[str, Any]], str]:
+           files: Iterable[str | Path] = ()) -> tuple[list[dict[str, Any]], str]:
     """Run replay in process; returns (output lines as dicts, stderr text)."""
     lines = [e if isinstance(e, str) else json.dumps(e) for e in events]
     out, err = io.StringIO(), io.StringIO()
     until_us = None
     if until is not None:
         until_us = int((until - datetime(1970, 1, 1, tzinfo=timezone.utc)).total_seconds()) * 10**6
-    asyncio.run(run_replay(lines, load_rules(env or {}), out, err, until_us, max_late_us))
+    asyncio.run(run_replay(lines, load_rules(env or {}, files), out, err, until_us,
+                           max_late_us))
     return [json.loads(x) for x in out.getvalue().splitlines()], err.getvalue()
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from pathlib import Path
@@ -13,13 +14,13 @@ from psycopg.types.json import Jsonb
 from listener.adapters.email_outbox import OutboxSender
 from listener.adapters.source_notify import NotifySource
 from listener.adapters.store_sql import SqlStore
-from listener.clock import WallClock
-from listener.daemon import Daemon, DaemonConfig
-from listener.emails import EmailComposer, EmailDeliverer
+from listener.backend import Backend
 from listener.executor import ActionResult
 from listener.instants import SECOND
-from listener.mailer import Mailer
 from listener.rules import load_rules
+from listener.rules.query import table_queries
+from listener.runtime import assemble, recipients_of
+from listener.settings import Settings
 
 CUSTOMER = "22222222-2222-4222-8222-222222222222"
 MECHANIC = "11111111-1111-4111-8111-111111111111"
@@ -75,35 +76,47 @@ async def eventually(check: Callable[[], Any], timeout: float = 20.0,
 
 
 class LiveDaemon:
-    """The real daemon, in process; by default on the SQL backend (SqlStore and
-    NotifySource on `conninfo`), emails to an outbox folder."""
+    """The real daemon, in process, built by the composition root; by default on
+    the SQL backend (SqlStore and NotifySource on `conninfo`), emails to an
+    outbox folder. `store`, `source`, `sender` and `publisher` replace parts."""
 
     def __init__(self, conninfo: str | None, outbox: Path, env: dict[str, str] | None = None,
                  holder: str | None = None, lease_ttl_s: float = 3.0,
                  reconcile_s: float = 60.0, store: Any = None, source: Any = None,
-                 sender: Any = None, publisher: Any = None, email_rate: float = 1000) -> None:
+                 sender: Any = None, publisher: Any = None, email_rate: float = 1000,
+                 rules: list[Any] = (), settings: dict[str, Any] | None = None) -> None:
         self.conninfo = conninfo
         self.outbox = outbox
-        self.table = load_rules(env if env is not None else FAST)
-        self.store = store or SqlStore(conninfo)
-        self.source = source or NotifySource(conninfo, idle_probe=2.0)
+        self.table = load_rules(env if env is not None else FAST, rules)
+        self.settings = Settings(
+            database_url=conninfo, next_public_app_url="https://app.example",
+            email_from="Listener <l@example.com>", support_email="support@example.com",
+            lease_ttl=int(lease_ttl_s * SECOND), reconcile_interval=int(reconcile_s * SECOND),
+            **(settings or {}))
+        queries = table_queries(self.table, self.settings.max_notify_lateness)
+        self.store = store or SqlStore(conninfo, queries)
+        if not getattr(self.store, "recipients", True):
+            self.store.recipients = recipients_of(self.table)  # a test's own store subclass
+        self.source = source or NotifySource(conninfo, queries, idle_probe=2.0)
+        self.sender = sender or OutboxSender(outbox)
+        self.publisher = publisher
+        self.email_rate = email_rate
+        self.holder = holder or f"test-{uuid.uuid4().hex[:6]}"
         self.results: list[ActionResult] = []
-        composer = EmailComposer(self.table, "https://app.example", "Listener <l@example.com>",
-                                 "support@example.com")
-        mailer = Mailer(sender or OutboxSender(outbox), rate_per_second=email_rate,
-                        base_delay=0.05, max_delay=0.5)
-        config = DaemonConfig(lease_ttl=int(lease_ttl_s * SECOND),
-                              reconcile_interval=int(reconcile_s * SECOND),
-                              holder=holder or f"test-{uuid.uuid4().hex[:6]}",
-                              shutdown_grace_s=3.0)
-        self.daemon = Daemon(self.table, self.store, self.source, WallClock(), config,
-                             deliverer=EmailDeliverer(self.store, composer, mailer),
-                             publisher=publisher, on_result=self.results.append)
         self.stop = asyncio.Event()
         self.task: asyncio.Task | None = None
+        self._exit = contextlib.AsyncExitStack()
 
     async def __aenter__(self) -> "LiveDaemon":
         await self.store.open()
+        backend = Backend("supabase" if self.conninfo is None else "postgres", self.store,
+                          self.source, self.conninfo)
+        self.listener = await self._exit.enter_async_context(assemble(
+            self.settings, self.table, backend=backend, sender=self.sender,
+            publisher=self.publisher, holder=self.holder, email_rate=self.email_rate,
+            mailer_options={"base_delay": 0.05, "max_delay": 0.5}, shutdown_grace_s=3.0,
+            on_result=self.results.append))
+        self.daemon = self.listener.daemon
         self.task = asyncio.create_task(self.daemon.run(self.stop))
         return self
 
@@ -111,12 +124,24 @@ class LiveDaemon:
         self.stop.set()
         if self.task is not None:
             await asyncio.wait_for(self.task, 15)
+        await self._exit.aclose()
         await self.store.close()
 
     async def active(self, timeout: float = 20.0) -> None:
-        await eventually(lambda: self.daemon.readiness.role == "active"
-                         and self.daemon.readiness.source_subscribed
-                         and self.daemon._swept_once, timeout)
+        """Until the daemon holds the lease, is subscribed and has swept once;
+        fails at once if it stopped instead."""
+        active = asyncio.ensure_future(self.daemon.events.active.wait())
+        stopped = asyncio.ensure_future(self.daemon.events.stopped.wait())
+        try:
+            await asyncio.wait([active, stopped], timeout=timeout,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            active.cancel()
+            stopped.cancel()
+        if self.daemon.events.stopped.is_set():
+            raise AssertionError("the daemon stopped before it became active")
+        if not self.daemon.events.active.is_set():
+            raise AssertionError(f"not active within {timeout} s")
 
     def fired(self, rule: str | None = None) -> list[ActionResult]:
         return [r for r in self.results if rule is None or r.key.rule == rule]

@@ -1,6 +1,8 @@
 """The command line: exit codes, error messages, the rules table."""
 from __future__ import annotations
 
+from listener.rules import load_rules
+
 import os
 import subprocess
 import sys
@@ -67,9 +69,12 @@ def test_rules_table_reflects_overrides() -> None:
     assert result.returncode == 0
     lines = result.stdout.splitlines()
     nudge = next(line for line in lines if "mechanic_nudge" in line)
-    assert "+ 10m" in nudge
-    assert "summary_overdue (off)" in result.stdout
-    assert sum(1 for line in lines if line[:2].strip().isdigit()) == 14
+    assert "+ 10m" in nudge and nudge.rstrip().endswith("yes")
+    overdue = next(line for line in lines if " summary_overdue " in line)
+    assert overdue.rstrip().endswith("no: disabled")
+    rules = [line for line in lines if line[:3].strip().isdigit()]
+    assert sum(1 for line in rules if line.split()[1] == "sessions") == 14
+    assert len(rules) == len(load_rules({}).all_rules) > 14  # the other packs are listed too
 
 
 def test_bad_max_notify_lateness_is_an_error() -> None:

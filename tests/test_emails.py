@@ -11,11 +11,27 @@ import pytest
 from listener.adapters.email_outbox import OutboxSender
 from listener.effects import EmailError
 from listener.emails import (
-    EMAILS, EmailComposer, EmailDeliverer, MissingRecipient, human_duration, template_name)
+    EmailComposer, EmailDeliverer, MissingRecipient, emails_of, human_duration, template_name)
 from listener.instants import HOUR, MINUTE, SECOND, parse_instant
 from listener.mailer import Mailer
-from listener.store import ActionKey, Contacts
-from listener.rules import DEFAULT_RULES, load_rules
+from listener.rules import load_rules
+from listener.store import ActionKey, Contact
+
+SESSION_RULES = [r for r in load_rules({}).all_rules if r.table == "sessions"]
+EMAILS = {(rule, role) for rule, role in emails_of(load_rules({}))
+          if any(r.name == rule for r in SESSION_RULES)}
+
+
+def Contacts(customer_email: str | None = None, customer_name: str | None = None,  # noqa: N802
+             mechanic_email: str | None = None,
+             mechanic_name: str | None = None) -> dict[str, Contact]:
+    """A session's contacts as the store answers them: per role, its email and name."""
+    out = {}
+    if customer_email is not None or customer_name is not None:
+        out["customer"] = Contact(customer_email, customer_name)
+    if mechanic_email is not None or mechanic_name is not None:
+        out["mechanic"] = Contact(mechanic_email, mechanic_name)
+    return out
 
 APP = "https://app.example.com"
 FROM = "The Auto Doctor <noreply@example.com>"
@@ -57,16 +73,16 @@ def composer() -> EmailComposer:
 
 
 def key(rule: str, sid: str = SID) -> ActionKey:
-    return ActionKey(rule, sid, DUE)
+    return ActionKey(rule, "sessions", sid, DUE)
 
 
 # -- every email renders ----------------------------------------------------------------
 
 def test_every_emailing_rule_has_its_emails() -> None:
     sent = set()
-    for rule in DEFAULT_RULES:
+    for rule in SESSION_RULES:
         for role in rule.notify:
-            sent.add((rule.name, role.replace("_if_assigned", "")))
+            sent.add((rule.name, role.rstrip("?")))
     assert sent == set(EMAILS)
     assert set(SUBJECT_DURATION) | {"request_expiry"} == {rule for rule, _ in EMAILS}
 
@@ -205,7 +221,8 @@ async def test_outbox_writes_one_pair_per_key(composer: EmailComposer, tmp_path:
     record = json.loads((folder / f"{stem}.json").read_text("utf-8"))
     assert record == {"from": FROM, "to": "mo@example.com", "subject": email.subject,
                       "text": email.text, "idempotency_key": email.idempotency_key,
-                      "rule": "mechanic_nudge", "session_id": SID, "role": "mechanic",
+                      "rule": "mechanic_nudge", "table": "sessions", "row_id": SID,
+                      "session_id": SID, "role": "mechanic",
                       "id": first}
 
 
@@ -228,16 +245,16 @@ async def test_outbox_refuses_a_reused_key_with_another_body(composer: EmailComp
 class FakeStore:
     """Only the store port's `contacts()`: the deliverer needs nothing else."""
 
-    def __init__(self, contacts: Contacts) -> None:
+    def __init__(self, contacts: dict[str, Contact]) -> None:
         self._contacts = contacts
         self.calls: list[str] = []
 
-    async def contacts(self, session_id: str) -> Contacts:
-        self.calls.append(session_id)
+    async def contacts(self, table: str, key: str) -> dict[str, Contact]:
+        self.calls.append(key)
         return self._contacts
 
 
-def deliverer(tmp_path: Path, contacts: Contacts,
+def deliverer(tmp_path: Path, contacts: dict[str, Contact],
               support: str | None = SUPPORT) -> tuple[EmailDeliverer, FakeStore]:
     store = FakeStore(contacts)
     composer = EmailComposer(load_rules({}), APP, FROM, support)
@@ -278,9 +295,28 @@ async def test_deliverer_records_missing_support_email(tmp_path: Path) -> None:
 async def test_deliverer_records_a_failed_contacts_lookup(tmp_path: Path) -> None:
     d, store = deliverer(tmp_path, CONTACTS)
 
-    async def broken(session_id: str) -> Contacts:
+    async def broken(table: str, key: str) -> dict[str, Contact]:
         raise ConnectionError("database unreachable")
 
     store.contacts = broken  # type: ignore[method-assign]
     errors = await d.deliver(key("mechanic_nudge"), ("mechanic",), ROW)
     assert errors == {"mechanic": "contacts lookup failed: ConnectionError: database unreachable"}
+
+
+async def test_deliverer_retries_a_transient_contacts_lookup(tmp_path: Path) -> None:
+    # A connection the pooler recycled mid-lookup is not a missing address: the
+    # lookup is asked again and the email goes out once.
+    from listener.errors import StoreUnavailable
+
+    d, store = deliverer(tmp_path, CONTACTS)
+    real = store.contacts
+    failures = [StoreUnavailable("AdminShutdown: terminating connection")]
+
+    async def flaky(table: str, key: str) -> dict[str, Contact]:
+        if failures:
+            raise failures.pop()
+        return await real(table, key)
+
+    store.contacts = flaky  # type: ignore[method-assign]
+    assert await d.deliver(key("mechanic_nudge"), ("mechanic",), ROW) == {}
+    assert [r["role"] for r in written(tmp_path)] == ["mechanic"]

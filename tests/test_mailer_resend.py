@@ -31,7 +31,7 @@ def make_email(n: int = 0, **kw: str) -> OutgoingEmail:
         to=f"mechanic{n}@example.com", sender="The Auto Doctor <noreply@example.com>",
         subject=f"Session 1a2b3c{n:02d}: a customer is waiting", html=f"<p>Hello #{n} &amp; co</p>",
         text=f"Hello #{n} & co", idempotency_key=f"mechanic_nudge/sess-{n}/2026-03-02T10:03:00Z/mechanic",
-        rule="mechanic_nudge", session_id=f"sess-{n}", role="mechanic")
+        rule="mechanic_nudge", table="sessions", row_id=f"sess-{n}", role="mechanic")
     fields.update(kw)
     return OutgoingEmail(**fields)
 

@@ -72,7 +72,7 @@ def prefix():
 
 
 def event(i: int, rule: str = "mechanic_nudge", **kw) -> ActionEvent:
-    return ActionEvent(rule=rule, session_id=f"00000000-0000-0000-0000-{i:012d}",
+    return ActionEvent(rule=rule, table="sessions", row_id=f"00000000-0000-0000-0000-{i:012d}",
                        due_at="2026-03-02T10:03:00Z", fired_at="2026-03-02T10:03:00.004Z",
                        lateness_ms=4, outcome="fired", **kw)
 

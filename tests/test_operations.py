@@ -34,6 +34,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.live import MECHANIC, insert_session, query, seed_people
+from tests.servers.resend_server import ResendServer
 
 ROOT = Path(__file__).resolve().parent.parent
 WAIT = 30.0  # generous: behaviour, not timing
@@ -568,8 +569,7 @@ def test_a_stale_instance_waking_up_changes_nothing(
 
 def test_sql_functions_refuse_a_stale_fencing_token(database: str) -> None:
     """The fence in the database itself: whatever a stale instance sends, with
-    its old (holder, token), changes nothing. Written for the claim/transition
-    pair of functions and for listener_fire, their one-call successor."""
+    its old (holder, token), changes nothing."""
     seed_people(database)
     sid = insert_session(database, status="pending", metadata={"keep": 1})
     due = datetime(2026, 3, 2, 10, 15, tzinfo=timezone.utc)
@@ -577,27 +577,24 @@ def test_sql_functions_refuse_a_stale_fencing_token(database: str) -> None:
         def call(sql: str, *params: Any) -> Any:
             return conn.execute(sql, params).fetchone()[0]
 
-        one_call = call("select exists (select 1 from pg_proc where proname = 'listener_fire')")
+        fire = ("select public.listener_fire_v2(p_table => 'sessions', p_key_column => 'id', "
+                "p_status_column => 'status', p_columns => array['id', 'status'], "
+                "p_rule => %s, p_key => %s, p_due_at => %s, p_holder => %s, p_token => %s, "
+                "p_fired_at => now()")
 
         def claim(rule: str, holder: str, token: int) -> dict[str, Any]:
             """Claim only (no status change, not finished)."""
-            fn = "listener_fire" if one_call else "listener_claim"
-            return call(f"select public.{fn}(%s, %s, %s, %s, %s, now())",
-                        rule, sid, due, holder, token)
+            return call(fire + ")", rule, sid, due, holder, token)
 
         def transition(holder: str, token: int) -> dict[str, Any]:
-            """request_expiry's compare-and-set (listener_fire: claim included)."""
-            if one_call:
-                return call("select public.listener_fire('request_expiry', %s, %s, %s, %s, now(), "
-                            "null, array['pending'], 'expired', 'no_mechanic_available')",
-                            sid, due, holder, token)
-            return call("select public.listener_transition('request_expiry', %s, %s, %s, %s, "
-                        "array['pending'], null, 'expired', 'no_mechanic_available', now())",
-                        sid, due, holder, token)
+            """request_expiry's claim and compare-and-set, in one call."""
+            return call(fire + ", p_expected => array['pending'], p_status => 'expired', "
+                        "p_reason => 'no_mechanic_available')",
+                        "request_expiry", sid, due, holder, token)
 
         def complete(holder: str, token: int) -> bool:
-            return call("select public.listener_complete('request_expiry', %s, %s, %s, %s, "
-                        "'fired', now(), 0, '{}'::jsonb)", sid, due, holder, token)
+            return call("select public.listener_complete_v2('request_expiry', 'sessions', %s, "
+                        "%s, %s, %s, 'fired', now(), 0, '{}'::jsonb)", sid, due, holder, token)
 
         def ledger_now() -> list[tuple]:
             return query(database, "select holder, fencing_token, state, status_applied, "
@@ -619,9 +616,9 @@ def test_sql_functions_refuse_a_stale_fencing_token(database: str) -> None:
         assert claim("request_expiry", "a", token_a) == {"outcome": "fenced"}
         assert transition("a", token_a) == {"outcome": "fenced"}
         assert complete("a", token_a) is False
-        if one_call:  # claim, change and finish in one call: fenced as well
-            assert call("select public.listener_fire('request_expiry', %s, %s, 'a', %s, now(), "
-                        "p_finish => 'fired')", sid, due, token_a) == {"outcome": "fenced"}
+        # claim, change and finish in one call: fenced as well
+        assert call(fire + ", p_finish => 'fired')", "request_expiry", sid, due, "a",
+                    token_a) == {"outcome": "fenced"}
         assert call("select public.listener_lease_renew('a', %s, 60000)", token_a) is False
         assert call("select public.listener_lease_release('a', %s)", token_a) is False
         # The holder's name is not enough: the token must match.
@@ -631,15 +628,10 @@ def test_sql_functions_refuse_a_stale_fencing_token(database: str) -> None:
         assert ledger_now() == [("a", token_a, "claimed", False, 1)]
 
         # b takes over a's unfinished claim, acts and records it; a still cannot.
-        if one_call:
-            resumed = transition("b", token_b)
-            assert {k: resumed[k] for k in ("outcome", "status_applied", "attempts")} == {
-                "outcome": "claimed", "status_applied": True, "attempts": 2}
-        else:
-            assert claim("request_expiry", "b", token_b) == {
-                "outcome": "claimed", "status_applied": False, "attempts": 2}
-            assert transition("a", token_a) == {"outcome": "fenced"}  # b's claim now
-            assert transition("b", token_b)["outcome"] == "applied"
+        resumed = transition("b", token_b)
+        assert {k: resumed[k] for k in ("outcome", "status_applied", "attempts")} == {
+            "outcome": "claimed", "status_applied": True, "attempts": 2}
+        assert transition("a", token_a) == {"outcome": "fenced"}  # b's claim now
         assert complete("a", token_a) is False
         assert complete("b", token_b) is True
         assert complete("b", token_b) is False  # once
@@ -703,6 +695,7 @@ def reported_once(database: str, *procs: Listener, max_attempts: int = 1) -> Non
 
 
 NO_TIMEOUT = {"RULE_WAITING_TIMEOUT": "off"}  # only the nudge and the alert: 2 emails a session
+RESEND_KEY = "re_test_123456789"
 
 
 def test_a_reconcile_while_emails_wait_their_turn_runs_nothing_again(
@@ -719,31 +712,54 @@ def test_a_reconcile_while_emails_wait_their_turn_runs_nothing_again(
     reported_once(database, a)
 
 
-# Not strict: whether the sweep's resume or the timer gets there first is a race
-# (timer first: no copy), though the copy is by far the likely outcome.
 def test_kill_9_with_emails_queued_each_action_still_runs_once(
-        spawn: Callable[..., Listener], database: str, tmp_path: Path) -> None:
+        spawn: Callable[..., Listener], database: str) -> None:
     seed_people(database)
-    a = spawn("a", lease_ttl="2s", **NO_TIMEOUT)
-    active(a)
-    b = spawn("b", lease_ttl="2s", **NO_TIMEOUT)
-    b.wait_for("standing_by")
-    sids = [insert_session(database, status="waiting", mechanic_id=MECHANIC,
-                           status_changed_at=utc(-1.0)) for _ in range(2)]
-    # a claims all four at once and dies with emails still queued (2 a second).
-    wait_until(lambda: [r for r in ledger_rows(database) if r["state"] == "fired"],
-               what="a's first action")
-    a.signal(signal.SIGKILL)
-    a.wait_exit(WAIT)
-    unfinished = len([r for r in ledger_rows(database) if r["state"] == "claimed"])
-    print(f"\n[in_flight] a died with {unfinished} claim(s) unfinished")
-    assert unfinished >= 1
-    b.wait_for("lease_acquired")
-    wait_until(lambda: len([r for r in ledger_rows(database) if r["state"] == "fired"]) == 4,
-               what="every action recorded")
-    settle(a, b)
-    emails = Counter((e["rule"], e["session_id"], e["role"])
-                     for e in outbox_emails(tmp_path / "outbox"))
-    assert len(emails) == 4 and max(emails.values()) == 1  # the idempotency keys hold
+    # Each instance mails through its own test Resend server, which holds every
+    # send until the test releases it: a dies with all its emails unsent, and b
+    # keeps its resumed emails in flight while its timers for the same
+    # deadlines come due, whichever path claims first.
+    with ResendServer(RESEND_KEY, rate_limit=None) as resend_a, \
+            ResendServer(RESEND_KEY, rate_limit=None) as resend_b:
+        resend_a.hold()  # never released: what a sent never arrives
+        resend_b.hold()
+        a = spawn("a", lease_ttl="2s", RESEND_API_KEY=RESEND_KEY, RESEND_API_URL=resend_a.url,
+                  **NO_TIMEOUT)
+        active(a)
+        b = spawn("b", lease_ttl="2s", RESEND_API_KEY=RESEND_KEY, RESEND_API_URL=resend_b.url,
+                  **NO_TIMEOUT)
+        b.wait_for("standing_by")
+        sids = [insert_session(database, status="waiting", mechanic_id=MECHANIC,
+                               status_changed_at=utc(-1.0)) for _ in range(2)]
+        # a claims all four (nudge and stuck alert of each) and sends their emails
+        # (in one batch or several: what is held is requests).
+        wait_until(lambda: resend_a.held and len(
+            [r for r in ledger_rows(database) if r["state"] == "claimed"]) == 4,
+            what="a's emails held")
+        time.sleep(0.5)
+        a.signal(signal.SIGKILL)
+        a.wait_exit(WAIT)
+        rows = ledger_rows(database)
+        assert [(r["state"], r["holder"], r["attempts"]) for r in rows] == [("claimed", "a", 1)] * 4
+        b.wait_for("lease_acquired")
+        b.wait_for("reconciled", first=True)  # a's claims resumed, their deadlines armed
+        # b resumes each claim once: four emails in flight, and no second claim
+        # or send for any of them while they stay in flight (at 2 emails a
+        # second the last one leaves 1.5 s after the first: the timers, due
+        # in the past, have come due by then).
+        wait_until(lambda: resend_b.held and all(
+            (r["state"], r["holder"], r["attempts"]) == ("claimed", "b", 2)
+            for r in ledger_rows(database)), what="b's emails held")
+        time.sleep(0.5)
+        held_by_b = len(resend_b.requests)
+        assert 1 <= held_by_b <= 4
+        resend_b.release()
+        wait_until(lambda: len([r for r in ledger_rows(database) if r["state"] == "fired"]) == 4,
+                   what="every action recorded")
+        settle(a, b)
+        # Each email once (by its own ref: a batch shares one request key), none from a.
+        delivered = Counter(d.headers.get("X-Entity-Ref-ID") for d in resend_b.delivered)
+        assert len(delivered) == 4 and max(delivered.values()) == 1 and not resend_a.delivered
+        assert len(resend_b.requests) == held_by_b  # nothing sent again
     assert {r["session_id"] for r in ledger_rows(database)} == set(sids)
     reported_once(database, a, b, max_attempts=2)

@@ -14,6 +14,8 @@ from typing import Any, AsyncIterator
 
 import aiohttp
 import pytest
+import yaml
+from pydantic import AliasChoices
 
 from listener.metrics import FIRING_LATENESS, TIMERS_ARMED, action_counter
 from listener.ops import OpsServer, Readiness
@@ -225,151 +227,85 @@ async def test_from_settings_off_by_default_and_loopback(client: aiohttp.ClientS
 # -- render.yaml --------------------------------------------------------------
 
 
-class _Lines:
-    def __init__(self, text: str) -> None:
-        self.items: list[tuple[int, str, int]] = []
-        for number, raw in enumerate(text.splitlines(), 1):
-            if "\t" in raw:
-                raise ValueError(f"line {number}: tab")
-            line = re.sub(r"(^|\s)#.*$", "", raw).rstrip()
-            if line.strip():
-                self.items.append((len(line) - len(line.lstrip(" ")), line.strip(), number))
-
-
-def parse_yaml_subset(text: str) -> Any:
-    """Block-style YAML as render.yaml uses it: mappings, sequences, plain or
-    quoted scalars. Anything else (flow collections, anchors, multi-line
-    strings, odd indentation, duplicate keys) is an error, not a guess."""
-    lines = _Lines(text).items
-
-    def scalar(raw: str, number: int) -> Any:
-        if raw[:1] in "[{&*|>!%@`":
-            raise ValueError(f"line {number}: unsupported YAML {raw!r}")
-        if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\"":
-            return raw[1:-1]
-        if raw in ("true", "false"):
-            return raw == "true"
-        if raw in ("null", "~"):
-            return None
-        if re.fullmatch(r"-?[0-9]+", raw):
-            return int(raw)
-        if ": " in raw or raw.endswith(":"):
-            raise ValueError(f"line {number}: ambiguous scalar {raw!r}")
-        return raw
-
-    def block(i: int, indent: int) -> tuple[Any, int]:
-        if lines[i][1].startswith("- ") or lines[i][1] == "-":
-            out: list[Any] = []
-            while i < len(lines) and lines[i][0] == indent and lines[i][1][:1] == "-":
-                _, content, number = lines[i]
-                rest = content[1:].lstrip(" ")
-                if not rest:
-                    value, i = block(i + 1, indent_after(i, indent))
-                elif re.match(r"^[A-Za-z_][\w.-]*:( |$)", rest):
-                    lines[i] = (indent + len(content) - len(rest), rest, number)
-                    value, i = block(i, lines[i][0])
-                else:
-                    value, i = scalar(rest, number), i + 1
-                out.append(value)
-            check_dedent(i, indent)
-            return out, i
-        mapping: dict[str, Any] = {}
-        while i < len(lines) and lines[i][0] == indent and lines[i][1][:1] != "-":
-            _, content, number = lines[i]
-            match = re.fullmatch(r"([A-Za-z_][\w.-]*):(?: +(.*))?", content)
-            if not match:
-                raise ValueError(f"line {number}: expected 'key: value', got {content!r}")
-            key, raw = match.group(1), match.group(2)
-            if key in mapping:
-                raise ValueError(f"line {number}: duplicate key {key!r}")
-            if raw is None:
-                nested = i + 1 < len(lines) and (
-                    lines[i + 1][0] > indent
-                    or (lines[i + 1][0] == indent and lines[i + 1][1][:1] == "-"))
-                if not nested:
-                    mapping[key], i = None, i + 1
-                    continue
-                mapping[key], i = block(i + 1, lines[i + 1][0])
-            else:
-                mapping[key], i = scalar(raw, number), i + 1
-        check_dedent(i, indent)
-        return mapping, i
-
-    def indent_after(i: int, indent: int) -> int:
-        if i + 1 >= len(lines) or lines[i + 1][0] <= indent:
-            raise ValueError(f"line {lines[i][2]}: empty sequence item")
-        return lines[i + 1][0]
-
-    def check_dedent(i: int, indent: int) -> None:
-        if i < len(lines) and lines[i][0] > indent:
-            raise ValueError(f"line {lines[i][2]}: unexpected indentation")
-
-    value, end = block(0, lines[0][0])
-    if end != len(lines):
-        raise ValueError(f"line {lines[end][2]}: unexpected indentation")
-    return value
-
-
-def test_yaml_subset_parser_is_strict() -> None:
-    assert parse_yaml_subset("a:\n  - b: 1\n    c: 'x'\n  - d\ne: false\n") == {
-        "a": [{"b": 1, "c": "x"}, "d"], "e": False}
-    for bad in ("a: [1, 2]\n", "a: 1\na: 2\n", "a:\n  b: 1\n   c: 2\n", "a: |\n  x\n",
-                "a: b: c\n"):
-        with pytest.raises(ValueError):
-            parse_yaml_subset(bad)
-
-
 def load_render_yaml() -> dict[str, Any]:
-    text = (ROOT / "render.yaml").read_text()
-    blueprint = parse_yaml_subset(text)
-    try:
-        import yaml  # not a dependency; when present it must agree
-    except ImportError:
-        pass
-    else:
-        assert yaml.safe_load(text) == blueprint
-    return blueprint
+    return yaml.safe_load((ROOT / "render.yaml").read_text())
 
 
-SECRETS = ("SUPABASE_SERVICE_ROLE_KEY", "RESEND_API_KEY", "MQTT_URL")
-FROM_WEB = ("NEXT_PUBLIC_SUPABASE_URL", "NEXT_PUBLIC_APP_URL")
+def render_worker() -> dict[str, Any]:
+    blueprint = load_render_yaml()
+    (service,) = blueprint["services"]
+    return service
+
+
+def declared_env(service: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    env: dict[str, dict[str, Any]] = {}
+    for var in service.get("envVars", []):
+        assert var["key"] not in env, f"{var['key']} declared twice"
+        assert sum(source in var for source in SOURCES) == 1, var
+        env[var["key"]] = var
+    return env
+
+
+def env_names(name: str, field: Any) -> list[str]:
+    """The variables Settings reads a field from (aliases, else the field's name)."""
+    alias = field.validation_alias
+    if isinstance(alias, AliasChoices):
+        return [str(choice) for choice in alias.choices]
+    return [str(alias)] if isinstance(alias, str) else [name.upper()]
+
+
 SOURCES = ("value", "fromService", "fromDatabase", "fromGroup", "generateValue", "sync")
+# Settings without a production value of their own, and why Render need not set them.
+NOT_FOR_PRODUCTION = {
+    "database_url": "the worker reaches Supabase through its API",
+    "resend_api_url": "tests point the Resend SDK at a local server",
+    "email_outbox": "emails as files: development only",
+    "ops_port": "the ops endpoint stays off on a worker",
+    "instance_name": "the host name is default enough",
+}
+# Settings whose default is a development value: production must set them.
+DEVELOPMENT_DEFAULTS = {"next_public_app_url"}
+# What a credential looks like when someone pastes one inline.
+CREDENTIAL = re.compile(r"^(re_|sk_|eyJ|sb_secret_)|://[^/\s:@]+:[^/\s@]+@")
 
 
 def test_render_blueprint_worker() -> None:
-    blueprint = load_render_yaml()
-    assert set(blueprint) == {"services"}
-    (service,) = blueprint["services"]
-    assert service["type"] == "worker"
-    assert service["name"] == "session-listener"
-    assert service["runtime"] == "docker"
-    assert service["plan"] == "starter"
-    assert service["dockerfilePath"] == "./Dockerfile"
-    assert (ROOT / service.get("dockerContext", ".") / service["dockerfilePath"]).is_file()
-    assert "startCommand" not in service and "schedule" not in service
+    service = render_worker()
+    assert service["type"] == "worker" and service["runtime"] == "docker"
+    dockerfile = ROOT / service.get("dockerContext", ".") / service["dockerfilePath"]
+    assert dockerfile.resolve() == (ROOT / "Dockerfile").resolve() and dockerfile.is_file()
+    assert "startCommand" not in service and "schedule" not in service  # a worker, not a cron
 
-    env = {}
-    for var in service["envVars"]:
-        assert var["key"] not in env, f"{var['key']} twice"
-        assert sum(source in var for source in SOURCES) == 1, var
-        env[var["key"]] = var
 
-    for key in FROM_WEB:
-        assert env[key]["fromService"] == {"type": "web", "name": "theautodoctor-web",
-                                           "envVarKey": key}
-    for key in SECRETS + ("EMAIL_FROM", "SUPPORT_EMAIL"):
-        assert env[key] == {"key": key, "sync": False}
-    # Anything that looks like a credential is never written in the file.
+def test_render_blueprint_holds_no_secret_values() -> None:
+    env = declared_env(render_worker())
+    secrets = {env_name for name, field in Settings.model_fields.items()
+               if "SecretStr" in str(field.annotation) for env_name in env_names(name, field)}
+    assert {"SUPABASE_SERVICE_ROLE_KEY", "RESEND_API_KEY"} <= secrets
     for key, var in env.items():
-        if re.search(r"KEY|SECRET|TOKEN|PASSWORD|_URL$", key):
-            assert "value" not in var and "generateValue" not in var, key
-    assert env["LOG_LEVEL"]["value"] == "info"
-    assert env["RECONCILE_INTERVAL"]["value"] == "60s"
+        if key in secrets or re.search(r"KEY|SECRET|TOKEN|PASSWORD", key):
+            assert var.get("sync") is False or var.get("generateValue") is True, var
+        if key.endswith("_URL") and "fromService" not in var:
+            assert var.get("sync") is False, var  # URLs may carry credentials (MQTT, database)
+        if "value" in var:
+            assert not CREDENTIAL.search(str(var["value"])), key
+
+
+def test_render_blueprint_declares_every_setting_production_needs() -> None:
+    env = declared_env(render_worker())
+    for name, field in Settings.model_fields.items():
+        if name in NOT_FOR_PRODUCTION:
+            continue
+        if field.is_required() or field.default is None or name in DEVELOPMENT_DEFAULTS:
+            names = env_names(name, field)
+            assert set(names) & set(env), f"render.yaml sets none of {names} ({name})"
+    for key in ("NEXT_PUBLIC_SUPABASE_URL", "NEXT_PUBLIC_APP_URL"):  # the web app's own values
+        assert env[key]["fromService"]["envVarKey"] == key
 
 
 def test_render_blueprint_configures_the_supabase_backend(monkeypatch: pytest.MonkeyPatch) -> None:
     """The variables the Blueprint provides are the ones Settings reads."""
-    (service,) = load_render_yaml()["services"]
+    service = render_worker()
     for name in ("SUPABASE_URL", "DATABASE_URL", "OPS_PORT", "LOG_LEVEL", "RECONCILE_INTERVAL"):
         monkeypatch.delenv(name, raising=False)
     for var in service["envVars"]:
@@ -377,6 +313,10 @@ def test_render_blueprint_configures_the_supabase_backend(monkeypatch: pytest.Mo
             monkeypatch.setenv(var["key"], str(var["value"]))
         elif var["key"] == "NEXT_PUBLIC_SUPABASE_URL":
             monkeypatch.setenv(var["key"], "https://project.supabase.co")
+        elif var["key"] == "WEBHOOK_URL":
+            monkeypatch.setenv(var["key"], "https://app.example/api/listener/webhook")
+        elif var.get("generateValue"):  # Render makes a random value
+            monkeypatch.setenv(var["key"], "g" * 32)
         else:  # what the Dashboard or the web service fills in
             monkeypatch.setenv(var["key"], f"stand-in-{var['key'].lower()}")
     settings = Settings()

@@ -33,8 +33,8 @@ async def test_an_accepted_session_is_nudged_and_going_live_stops_the_rest(
         sid = insert_session(database, status="waiting", mechanic_id=MECHANIC)
         await eventually(lambda: live.fired("support_stuck_alert"))
         update_session(database, sid, status="live", started_at="now()")
-        await eventually(lambda: live.daemon.engine.sessions.get(sid) is not None
-                         and live.daemon.engine.sessions[sid].status == "live")
+        await eventually(lambda: live.daemon.engine.row("sessions", sid) is not None
+                         and live.daemon.engine.row("sessions", sid).status == "live")
         assert [r.key.rule for r in live.results] == ["mechanic_nudge", "support_stuck_alert"]
         assert not live.fired("waiting_timeout")
 

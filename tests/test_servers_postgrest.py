@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from pathlib import Path
 from typing import Any
 
 import httpx
 import psycopg
 import pytest
 
+from listener.migrate import reference_migrations
 from tests.conftest import scratch_database
 from postgrest.exceptions import APIError
 from realtime import RealtimeSubscribeStates
@@ -39,7 +39,9 @@ except ImportError:  # tests/ itself is on sys.path
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
-REFERENCE_SCHEMA = Path(__file__).resolve().parents[1] / "migrations" / "reference" / "0001_reference_app_schema.sql"
+# The app's schema as the listener's development databases have it (every
+# reference migration, in order: the sessions status CHECK among them).
+REFERENCE_SCHEMA = "\n".join(m.sql for m in reference_migrations())
 
 FUNCTIONS = r"""
 create table public.things (id int primary key, note text);
@@ -90,7 +92,7 @@ def database(pg_admin: str) -> Any:
         # as on Supabase, the API roles and default privileges exist before the app's objects
         asyncio.run(setup_supabase_roles(conninfo))
         with psycopg.connect(conninfo, autocommit=True) as conn:
-            conn.execute(REFERENCE_SCHEMA.read_text())
+            conn.execute(REFERENCE_SCHEMA)
             conn.execute(FUNCTIONS)
         yield conninfo
 

@@ -18,19 +18,26 @@ import psycopg
 import pytest
 from aiohttp import web
 
+from listener import daemon as daemon_module
 from listener.adapters.supabase import (
     RealtimeSource, RpcConfigError, RpcStore, change_from_realtime, open_supabase_backend)
 from listener.changes import BadChange, Change
-from listener.runtime import ConfigError
+from listener.instants import HOUR
+from listener.rules import load_rules
+from listener.rules.query import table_queries
+from listener.runtime import ConfigError, recipients_of
 from listener.settings import Settings
 from listener.store import all_tracked
-from tests.live import MECHANIC, eventually, insert_session, ledger, query, seed_people
+from tests.live import FAST, MECHANIC, eventually, insert_session, ledger, query, seed_people
 from tests.live_supabase import LiveSupabaseDaemon, prepare_supabase_database
 from tests.servers.postgrest_server import ANON_KEY, SERVICE_ROLE_KEY, SupabaseStack
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # realtime 2.34 / websockets
 ROOT = Path(__file__).resolve().parents[1]
 PENDING = [("support_unassigned_alert", "fired"), ("request_expiry", "fired")]
+RULES = load_rules(FAST)
+QUERIES = table_queries(RULES, HOUR)
+SESSIONS = QUERIES["sessions"]
 
 
 @pytest.fixture
@@ -106,7 +113,7 @@ class RpcFaults:
 
 
 def expiring(args: dict[str, Any]) -> bool:
-    """The listener_fire call that changes the status (request_expiry)."""
+    """The listener_fire_v2 call that changes the status (request_expiry)."""
     return args.get("p_status") == "expired"
 
 
@@ -125,8 +132,9 @@ async def test_rows_changed_in_postgres_fire_through_realtime_and_rpc(
         metadata = query(database, "select metadata from public.sessions where id = %s", sid)[0][0]
         assert metadata["source"] == "app" and metadata["n"] == 1
         assert metadata["listener"]["reason"] == "no_mechanic_available"
-        # an accepted session: the mechanic is nudged by name, through the contacts RPC
-        accepted = insert_session(database, status="accepted", mechanic_id=MECHANIC)
+        # an accepted session (waiting, with its mechanic): the mechanic is nudged
+        # by name, through the contacts RPC
+        accepted = insert_session(database, status="waiting", mechanic_id=MECHANIC)
         await eventually(lambda: live.fired("support_stuck_alert"))
         assert any(e["rule"] == "mechanic_nudge" and "max@example.com" in e["to"]
                    for e in emails(tmp_path) if e["session_id"] == accepted)
@@ -134,9 +142,9 @@ async def test_rows_changed_in_postgres_fire_through_realtime_and_rpc(
         frames = [f for _, f in stack.realtime.frames_out if f["event"] == "postgres_changes"]
         assert any(f["payload"]["data"]["errors"] for f in frames)  # the 413 did happen
     calls = {c.function for c in stack.rest.calls}
-    assert {"listener_lease_acquire", "listener_lease_renew", "listener_tracked_sessions",
-            "listener_read_session", "listener_fire", "listener_complete",
-            "listener_session_contacts", "listener_unfinished_claims",
+    assert {"listener_lease_acquire", "listener_lease_renew", "listener_tracked_rows_v2",
+            "listener_read_row_v2", "listener_fire_v2", "listener_complete_v2",
+            "listener_contacts_v2", "listener_unfinished_claims_v2",
             "listener_lease_release"} <= calls
     assert all(c.role == "service_role" for c in stack.rest.calls if c.role)
 
@@ -147,9 +155,9 @@ async def test_only_the_service_role_may_call_the_functions(stack: SupabaseStack
 
     anon = await acreate_client(stack.url, ANON_KEY)
     with pytest.raises(APIError) as info:
-        await anon.rpc("listener_read_session", {"p_session_id": None}).execute()
+        await anon.rpc("listener_read_row_v2", {"p_query": None, "p_key": None}).execute()
     assert info.value.code == "42501"
-    store = RpcStore(stack.url, ANON_KEY)
+    store = RpcStore(stack.url, ANON_KEY, QUERIES)
     await store.open()
     try:
         with pytest.raises(RpcConfigError, match="permission denied.*service_role"):
@@ -241,7 +249,8 @@ async def test_no_subscribed_message_is_a_failure(database: str, stack: Supabase
                                   source_options={"subscribed_timeout": 1.0}) as live:
         await eventually(lambda: live.source.reconnects >= 1, 15)
         assert "Subscribed to PostgreSQL" in live.source.last_reason
-        assert not live.daemon.readiness.source_subscribed and not live.daemon._swept_once
+        assert not live.daemon.readiness.source_subscribed
+        assert live.daemon.events.sweeps == 0 and not live.daemon.events.active.is_set()
         stack.realtime.subscribed_delay = 0
         sid = insert_session(database, status="pending")
         await live.active()
@@ -250,14 +259,17 @@ async def test_no_subscribed_message_is_a_failure(database: str, stack: Supabase
 
 
 async def test_changes_dropped_while_away_are_found_by_the_sweep(
-        database: str, stack: SupabaseStack, tmp_path: Path) -> None:
+        database: str, stack: SupabaseStack, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # No incremental read in this test: only the sweep after the new subscription.
+    monkeypatch.setattr(daemon_module, "CATCH_UP_S", 3600.0)
     async with LiveSupabaseDaemon(stack, tmp_path) as live:
         await live.active()
         stack.realtime.drop_changes = True
         lost = [insert_session(database, status="pending") for _ in range(3)]
         await eventually(lambda: stack.realtime.changes_dropped >= 3)
         await asyncio.sleep(2.0)  # every deadline of theirs passes, unseen
-        assert not any(sid in live.daemon.engine.sessions for sid in lost)
+        assert not any(live.daemon.engine.row("sessions", sid) for sid in lost)
         assert not live.results
         await stack.realtime.close_all(1011)
         await live.resubscribed(2)
@@ -265,6 +277,22 @@ async def test_changes_dropped_while_away_are_found_by_the_sweep(
         await all_fired(database, lost)
         assert_each_fired_once(database, tmp_path, live, lost)
         assert live.source.reconnects == 1
+
+
+async def test_changes_dropped_while_subscribed_are_found_by_the_incremental_read(
+        database: str, stack: SupabaseStack, tmp_path: Path) -> None:
+    # The stream looks healthy and loses changes: no reconnect, so no sweep; the
+    # incremental read (listener_changed_rows_v2) finds the rows within seconds.
+    async with LiveSupabaseDaemon(stack, tmp_path) as live:
+        await live.active()
+        sweeps = live.daemon.events.sweeps
+        stack.realtime.drop_changes = True
+        lost = [insert_session(database, status="pending") for _ in range(3)]
+        await eventually(lambda: stack.realtime.changes_dropped >= 3)
+        await all_fired(database, lost)
+        assert_each_fired_once(database, tmp_path, live, lost)
+        assert live.source.reconnects == 0 and live.daemon.events.sweeps == sweeps
+    assert any(c.function == "listener_changed_rows_v2" for c in stack.rest.calls)
 
 
 async def test_every_change_delivered_twice(database: str, stack: SupabaseStack,
@@ -289,11 +317,11 @@ async def test_rpc_server_errors_are_retried(database: str, stack: SupabaseStack
         await live.active()
         # the status change is refused before reaching the database: the ledger
         # says it did not happen, so it is sent again
-        faults.add("listener_fire", "status", 500, when=expiring)
-        faults.add("listener_fire", "status", 503, times=2, when=lambda a: not expiring(a))
-        faults.add("listener_complete", "status", 502)
-        faults.add("listener_session_contacts", "status", 500)
-        faults.add("listener_read_session", "status", 504)
+        faults.add("listener_fire_v2", "status", 500, when=expiring)
+        faults.add("listener_fire_v2", "status", 503, times=2, when=lambda a: not expiring(a))
+        faults.add("listener_complete_v2", "status", 502)
+        faults.add("listener_contacts_v2", "status", 500)
+        faults.add("listener_read_row_v2", "status", 504)
         first = insert_session(database, status="pending")
         await all_fired(database, [first])
         stack.rest.fail_status = 500  # a full outage, shorter than the retry budget
@@ -306,8 +334,8 @@ async def test_rpc_server_errors_are_retried(database: str, stack: SupabaseStack
     injected = [c for c in stack.rest.calls if c.injected]
     assert len(injected) >= 6 and all(c.status >= 500 for c in injected)
     for sid in (first, second):
-        changes = [c for c in stack.rest.calls if c.function == "listener_fire"
-                   and not c.injected and expiring(c.args) and c.args["p_session_id"] == sid]
+        changes = [c for c in stack.rest.calls if c.function == "listener_fire_v2"
+                   and not c.injected and expiring(c.args) and c.args["p_key"] == sid]
         assert len(changes) == 1, sid
 
 
@@ -317,7 +345,7 @@ async def test_rpc_server_hangs(database: str, stack: SupabaseStack, tmp_path: P
         await live.active()
         # the status change commits, then its answer never comes: it is not sent
         # again; the ledger (status_applied) says it happened
-        faults.add("listener_fire", "hang_after_commit", 2.5, when=expiring)
+        faults.add("listener_fire_v2", "hang_after_commit", 2.5, when=expiring)
         first = insert_session(database, status="pending")
         await all_fired(database, [first])
         # everything hangs before the database for a while
@@ -327,8 +355,8 @@ async def test_rpc_server_hangs(database: str, stack: SupabaseStack, tmp_path: P
         stack.rest.hang_seconds = 0
         await all_fired(database, [second])
         assert_each_fired_once(database, tmp_path, live, [first, second])
-    changes = [c for c in stack.rest.calls if c.function == "listener_fire"
-               and expiring(c.args) and c.args["p_session_id"] == first]
+    changes = [c for c in stack.rest.calls if c.function == "listener_fire_v2"
+               and expiring(c.args) and c.args["p_key"] == first]
     assert len(changes) == 1  # never blindly retried
     attempts = query(database, "select attempts from public.listener_ledger where session_id = %s "
                                "and rule = 'request_expiry'", first)
@@ -340,27 +368,29 @@ async def test_rpc_server_hangs(database: str, stack: SupabaseStack, tmp_path: P
 
 async def test_open_backend_checks_the_project(database: str, stack: SupabaseStack) -> None:
     settings = Settings(supabase_url=stack.url, supabase_service_role_key=SERVICE_ROLE_KEY)
-    backend = await open_supabase_backend(settings, completed_since=None)
+    recipients = recipients_of(RULES)
+    backend = await open_supabase_backend(settings, QUERIES, recipients)
     try:
         assert backend.name == "supabase" and isinstance(backend.source, RealtimeSource)
-        assert await all_tracked(backend.store) == []
+        assert await all_tracked(backend.store, "sessions") == []
         assert SERVICE_ROLE_KEY not in repr(backend.store) + repr(backend.source)
     finally:
         await backend.close()
 
+    fire = query(database, "select oid::regprocedure::text from pg_proc "
+                           "where proname = 'listener_fire_v2'")[0][0]
     with psycopg.connect(database, autocommit=True) as conn:
-        conn.execute("revoke execute on function public.listener_read_session(uuid) "
-                     "from service_role")
+        conn.execute(f"revoke execute on function {fire} from service_role")
     with pytest.raises(ConfigError, match="permission denied.*EXECUTE"):
-        await open_supabase_backend(settings)
+        await open_supabase_backend(settings, QUERIES, recipients)
     with psycopg.connect(database, autocommit=True) as conn:
-        conn.execute("drop function public.listener_read_session(uuid)")
+        conn.execute(f"drop function {fire}")
     with pytest.raises(ConfigError, match="^functions missing: run listener migrate --print"):
-        await open_supabase_backend(settings)
+        await open_supabase_backend(settings, QUERIES, recipients)
 
     closed = Settings(supabase_url="http://127.0.0.1:9", supabase_service_role_key=SERVICE_ROLE_KEY)
     with pytest.raises(ConfigError, match="^Supabase unreachable: ") as info:
-        await open_supabase_backend(closed)
+        await open_supabase_backend(closed, QUERIES, recipients)
     assert SERVICE_ROLE_KEY not in str(info.value) and "\n" not in str(info.value)
 
 
@@ -418,7 +448,7 @@ async def test_listener_run_on_supabase(database: str, stack: SupabaseStack,
 class Sink:
     def __init__(self, fail: bool = False) -> None:
         self.changes: list[Change] = []
-        self.bad: list[tuple[str, str]] = []
+        self.bad: list[tuple[str, str, str | None]] = []
         self.fail = fail
 
     def put(self, change: Change) -> None:
@@ -426,8 +456,9 @@ class Sink:
             raise RuntimeError("full")
         self.changes.append(change)
 
-    def bad_input(self, kind: str, detail: str, session_id: str | None = None) -> None:
-        self.bad.append((kind, detail))
+    def bad_input(self, kind: str, detail: str, table: str | None = None,
+                  key: str | None = None) -> None:
+        self.bad.append((kind, detail, table))
 
     def subscribed(self, source: str) -> None: ...
 
@@ -441,34 +472,41 @@ def _data(kind: str, **fields: Any) -> dict[str, Any]:
 
 
 def test_postgres_changes_payloads() -> None:
-    full = {"id": "s1", "status": "pending", "mechanic_id": None, "status_changed_at": None,
-            "scheduled_for": None, "started_at": None, "expires_at": None, "ended_at": None,
-            "summary_submitted_at": None}
-    assert change_from_realtime(_data("INSERT", record=full)).record == full
-    assert change_from_realtime(_data("UPDATE", record=full, old_record={"id": "s1"})).record
+    full = {**{c: None for c in SESSIONS.columns}, "id": "s1", "status": "pending"}
+    assert "mechanic_id" in full and "status_changed_at" in full
+    inserted = change_from_realtime(_data("INSERT", record=full), SESSIONS)
+    assert inserted.record == full and inserted.table == "sessions" and inserted.key == "s1"
+    assert change_from_realtime(_data("UPDATE", record=full, old_record={"id": "s1"}),
+                                SESSIONS).record
     cut = {"id": "s1", "status": "pending"}  # 413: values over 64 bytes and nulls dropped
-    too_large = change_from_realtime(_data("UPDATE", record=cut, errors=["Error 413: Payload Too Large"]))
-    assert too_large == Change("UPDATE", "s1", None, too_large.at)
-    assert change_from_realtime(_data("UPDATE", record=cut)).record is None  # columns missing
-    assert change_from_realtime(_data("DELETE", old_record={"id": "s1"})) .session_id == "s1"
+    too_large = change_from_realtime(
+        _data("UPDATE", record=cut, errors=["Error 413: Payload Too Large"]), SESSIONS)
+    assert too_large == Change("UPDATE", "sessions", "s1", None, too_large.at)
+    assert change_from_realtime(_data("UPDATE", record=cut), SESSIONS).record is None  # columns missing
+    assert change_from_realtime(_data("DELETE", old_record={"id": "s1"}),
+                                SESSIONS).session_id == "s1"
+    # an integer key (tables keyed by bigint) is the key as text
+    assert change_from_realtime(_data("DELETE", old_record={"id": 5}), SESSIONS).key == "5"
     for bad in (None, [], {"data": None}, _data("TRUNCATE"), _data("INSERT", record={}),
-                _data("DELETE", old_record={}), _data("INSERT", record={"id": 5}),
+                _data("DELETE", old_record={}), _data("INSERT", record={"id": 5.5}),
+                _data("INSERT", record={"id": True}), _data("INSERT", record={"id": ""}),
                 {**_data("INSERT", record=full), "data": {**_data("INSERT", record=full)["data"],
                                                           "table": "other"}}):
         with pytest.raises(BadChange):
-            change_from_realtime(bad)
+            change_from_realtime(bad, SESSIONS)
 
 
 def test_callbacks_never_raise() -> None:
     from listener.adapters.supabase import _Attempt
 
-    source = RealtimeSource("http://127.0.0.1:9", SERVICE_ROLE_KEY)
+    source = RealtimeSource("http://127.0.0.1:9", SERVICE_ROLE_KEY, QUERIES)
     attempt = _Attempt(1, "t", 0.0)
     sink = Sink()
-    source._on_change(attempt, sink, {"nonsense": True})
-    source._on_change(attempt, sink, object())
-    assert [k for k, _ in sink.bad] == ["realtime_payload", "realtime_payload"]
-    source._on_change(attempt, Sink(fail=True), _data("DELETE", old_record={"id": "s1"}))
+    source._on_change(attempt, sink, SESSIONS, {"nonsense": True})
+    source._on_change(attempt, sink, SESSIONS, object())
+    # logged with the table of the binding that received it
+    assert [(k, t) for k, _, t in sink.bad] == [("realtime_payload", "sessions")] * 2
+    source._on_change(attempt, Sink(fail=True), SESSIONS, _data("DELETE", old_record={"id": "s1"}))
     source._on_system(attempt, sink, object())
     source._on_state(attempt, object(), None)
     assert attempt.failure is not None  # a state it cannot read is a failure, not a crash

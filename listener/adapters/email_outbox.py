@@ -6,7 +6,8 @@ becomes two files with one stem:
     <rule>-<short session id>-<role>-<8 hex of sha256(idempotency key)>.html
     <rule>-<short session id>-<role>-<8 hex of sha256(idempotency key)>.json
 
-The `.json` (from, to, subject, text, idempotency_key, rule, session_id, role,
+The `.json` (from, to, subject, text, idempotency_key, rule, table, row_id, session_id
+(rows of sessions), role,
 id) is written last and marks the email as sent. Both writes are atomic (a
 temporary file in the same folder, then a rename), so a crash never leaves a
 half-written email.
@@ -56,7 +57,7 @@ class OutboxSender:
         return "outbox-" + cls.digest(email.idempotency_key)[:16]
 
     def stem(self, email: OutgoingEmail) -> str:
-        return "-".join((_part(email.rule), _part(email.session_id[:8], 8), _part(email.role),
+        return "-".join((_part(email.rule), _part(email.row_id[:8], 8), _part(email.role),
                          self.digest(email.idempotency_key)[:8]))
 
     @staticmethod
@@ -68,7 +69,9 @@ class OutboxSender:
             "text": email.text,
             "idempotency_key": email.idempotency_key,
             "rule": email.rule,
-            "session_id": email.session_id,
+            "table": email.table,
+            "row_id": email.row_id,
+            **({"session_id": email.row_id} if email.table == "sessions" else {}),
             "role": email.role,
             "id": provider_id,
         }

@@ -20,6 +20,18 @@ Facts this adapter relies on (read in the SDK's source):
   plug in `PooledHTTPXClient` instead: one SSL context per sender, one
   keep-alive connection pool per event loop. Same contract as the SDK's client.
 - Each call is bounded by our own timeout (the SDK's default is 30 s).
+- `resend.Batch.send_async(list, options)` posts the list to `/emails/batch`
+  with `options["idempotency_key"]` as `Idempotency-Key` and
+  `options["batch_validation"]` as `x-batch-validation`; it answers
+  `{"data": [{"id"}, ...]}`. A strict 422 carries only Resend's message, which
+  may name the email at fault (`emails[3]...`); the index is read from it when
+  it does.
+- A successful answer (a dict) has the response headers under `http_headers`;
+  errors have them in `exc.headers`. `ratelimit-limit` (with the window of
+  `ratelimit-policy`) is kept as `server_rate_limit` for the mailer to follow.
+- Errors are `ProviderError`s (an `EmailError`) with a kind: rate, quota,
+  invalid (with the batch index), key reused, in flight, unknown outcome
+  (5xx, timeouts, network), refused.
 """
 from __future__ import annotations
 
@@ -36,12 +48,18 @@ from resend.exceptions import RateLimitError, ResendError
 from resend.http_client_async import AsyncHTTPClient
 
 from listener.effects import EmailError, OutgoingEmail
+from listener.email_batch import (REF_HEADER, ErrorKind, ProviderError, canonical,
+                                  canonical_payload)
 
 # Resend error names (`name` in the error body) that are worth retrying.
 _TRANSIENT_409 = {"concurrent_idempotent_requests"}
 # 429s that a short backoff cannot fix: the account is out of quota for the day/month.
 _QUOTA_429 = {"daily_quota_exceeded", "monthly_quota_exceeded"}
 _TAG_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+# How a strict batch 422 names the email at fault: "emails[3]: ..." or "... index 3 ...".
+_INVALID_INDEX = re.compile(r"(?:\[(\d+)\]|\bindex\s+(\d+))")
+_POLICY_WINDOW = re.compile(r"w=(\d+(?:\.\d+)?)")
+MAX_BATCH = 100
 
 
 def _tag(name: str, value: str) -> dict[str, str]:
@@ -82,34 +100,61 @@ def _status_of(exc: ResendError) -> int | None:
         return None
 
 
-def map_resend_error(exc: ResendError) -> EmailError:
-    """Classify an SDK error as transient (retry) or permanent."""
+def server_rate_limit(headers: Mapping[str, str] | None) -> float | None:
+    """Requests per second from `ratelimit-limit` (per `ratelimit-policy` window, default 1 s)."""
+    if not headers:
+        return None
+    lower = {str(k).lower(): str(v) for k, v in headers.items()}
+    try:
+        limit = float(lower["ratelimit-limit"])
+    except (KeyError, ValueError):
+        return None
+    window = 1.0
+    match = _POLICY_WINDOW.search(lower.get("ratelimit-policy", ""))
+    if match:
+        window = float(match.group(1)) or 1.0
+    return limit / window if limit > 0 else None
+
+
+def _invalid_index(message: str) -> int | None:
+    match = _INVALID_INDEX.search(message or "")
+    if not match:
+        return None
+    return int(match.group(1) or match.group(2))
+
+
+def map_resend_error(exc: ResendError, *, batch: bool = False) -> ProviderError:
+    """Classify an SDK error: what happened, and whether to retry the same request."""
     status = _status_of(exc)
-    kind = str(getattr(exc, "error_type", "") or "")
-    message = f"resend {status or '?'} {kind}: {exc.message}"
+    name = str(getattr(exc, "error_type", "") or "")
+    message = f"resend {status or '?'} {name}: {exc.message}"
     headers = getattr(exc, "headers", None)
+    retry_after = parse_retry_after(headers)
     if isinstance(exc, RateLimitError) or status == 429:
-        if kind in _QUOTA_429:
-            return EmailError(message, transient=False, status=429,
-                              retry_after=parse_retry_after(headers))
-        return EmailError(message, transient=True, status=429,
-                          retry_after=parse_retry_after(headers))
+        if name in _QUOTA_429:
+            return ProviderError(message, ErrorKind.QUOTA, status=429, retry_after=retry_after)
+        return ProviderError(message, ErrorKind.RATE, status=429, retry_after=retry_after,
+                             rate_limit=server_rate_limit(headers))
     if status is None or status >= 500 or status == 408:
-        # 5xx, and transport failures (the SDK reports them as 500 HttpClientError).
-        return EmailError(message, transient=True, status=status,
-                          retry_after=parse_retry_after(headers))
-    if status == 409 and kind in _TRANSIENT_409:
+        # 5xx, and transport failures (the SDK reports them as 500 HttpClientError):
+        # the provider may have sent it.
+        return ProviderError(message, ErrorKind.UNKNOWN, status=status, retry_after=retry_after)
+    if status == 409 and name in _TRANSIENT_409:
         # The first request with this key is still in flight at Resend: ask again later.
-        return EmailError(message, transient=True, status=409)
-    if status == 409 and kind == "invalid_idempotent_request":
-        # Same key, different payload: an email with this key was already
+        return ProviderError(message, ErrorKind.IN_FLIGHT, status=409)
+    if status == 409 and name == "invalid_idempotent_request":
+        # Same key, different payload: a request with this key was already
         # accepted once (with other content). Retrying cannot help.
-        return EmailError(message + " (an email with this idempotency key was already "
-                                    "accepted with a different payload)",
-                          transient=False, status=409)
-    # 400 validation, 401 missing key, 403 invalid key or unverified domain, 404,
-    # 405, 422 missing or invalid field: the request itself is wrong.
-    return EmailError(message, transient=False, status=status)
+        what = "batch" if batch else "email"
+        return ProviderError(message + f" (an {what} with this idempotency key was already "
+                                       "accepted with a different payload)",
+                             ErrorKind.KEY_REUSED, status=409)
+    if status in (400, 422) and name != "invalid_idempotency_key":
+        return ProviderError(message, ErrorKind.INVALID, status=status,
+                             invalid_index=_invalid_index(str(exc.message)) if batch else None)
+    # 400 invalid_idempotency_key, 401 missing key, 403 invalid key or unverified
+    # domain, 404, 405: the account or the call is refused as a whole.
+    return ProviderError(message, ErrorKind.REFUSED, status=status)
 
 
 class PooledHTTPXClient(AsyncHTTPClient):
@@ -165,6 +210,8 @@ class ResendSender:
         self._api_url = api_url.rstrip("/") if api_url else None
         self.timeout = timeout
         self._http = PooledHTTPXClient(timeout=timeout + 5)
+        # What the last answer's `ratelimit-limit` said (requests per second).
+        self.server_rate_limit: float | None = None
         self._apply_config()
 
     def __repr__(self) -> str:  # never show the key
@@ -189,35 +236,78 @@ class ResendSender:
             "html": email.html,
             "text": email.text,
             # Gmail threads mails with equal subjects; a unique ref keeps each apart.
-            "headers": {"X-Entity-Ref-ID": email.idempotency_key},
+            "headers": {REF_HEADER: email.idempotency_key},
+            # Emails of sessions keep release 1's tags, so one in flight across an
+            # upgrade is sent again with the same body under the same key.
             "tags": [
                 _tag("rule", email.rule),
-                _tag("session_id", email.session_id),
+                *([_tag("session_id", email.row_id)] if email.table == "sessions"
+                  else [_tag("table", email.table), _tag("row_id", email.row_id)]),
                 _tag("role", email.role),
             ],
         }
 
+    def payload_item(self, email: OutgoingEmail) -> dict[str, Any]:
+        """The email as frozen into a batch: the same fields, keys in canonical order."""
+        return canonical(self.params_for(email))
+
     async def send(self, email: OutgoingEmail) -> str:
-        params = self.params_for(email)
-        options: dict[str, Any] = {"idempotency_key": email.idempotency_key}
+        return await self.send_item(self.params_for(email), email.idempotency_key)
+
+    async def send_item(self, item: dict[str, Any], idempotency_key: str) -> str:
+        options: dict[str, Any] = {"idempotency_key": idempotency_key}
+        resp = await self._call(resend.Emails.send_async, dict(item), options, batch=False)
+        provider_id = resp.get("id") if isinstance(resp, Mapping) else None
+        if not provider_id:
+            raise ProviderError("resend: answer without an id", ErrorKind.UNKNOWN)
+        return str(provider_id)
+
+    async def send_batch(self, items: list[dict[str, Any]] | tuple[dict[str, Any], ...],
+                         idempotency_key: str) -> list[str]:
+        """POST /emails/batch, strict validation: every id in request order, or ProviderError.
+
+        Strict: Resend sends nothing unless every email is valid, so a 422 means
+        nothing went out and the batch can be split and sent again.
+        """
+        if not 1 <= len(items) <= MAX_BATCH:
+            raise ValueError(f"a batch has 1 to {MAX_BATCH} emails, not {len(items)}")
+        payload = canonical_payload(items)
+        options: dict[str, Any] = {"idempotency_key": idempotency_key,
+                                   "batch_validation": "strict"}
+        resp = await self._call(resend.Batch.send_async, payload, options, batch=True)
+        data = resp.get("data") if isinstance(resp, Mapping) else None
+        ids = [d.get("id") if isinstance(d, Mapping) else None for d in data or []]
+        if len(ids) != len(payload) or not all(ids):
+            # Accepted, but not as asked: the same batch under the same key gives
+            # the stored answer again, or an error worth reporting.
+            raise ProviderError(f"resend: batch answer with {len(ids)} ids for "
+                                f"{len(payload)} emails", ErrorKind.UNKNOWN)
+        return [str(i) for i in ids]
+
+    async def _call(self, method: Any, params: Any, options: dict[str, Any], *,
+                    batch: bool) -> Any:
         # The SDK reads its globals synchronously before its first await, so
         # setting them here cannot race with another sender's call.
         self._apply_config()
         try:
             async with asyncio.timeout(self.timeout):
-                resp = await resend.Emails.send_async(params, options)  # type: ignore[arg-type]
+                resp = await method(params, options)
         except ResendError as exc:
-            raise map_resend_error(exc) from None
+            error = map_resend_error(exc, batch=batch)
+            if error.rate_limit:
+                self.server_rate_limit = error.rate_limit
+            raise error from None
         except TimeoutError:
-            raise EmailError(f"resend: no answer within {self.timeout:g}s",
-                             transient=True) from None
+            raise ProviderError(f"resend: no answer within {self.timeout:g}s",
+                                ErrorKind.UNKNOWN) from None
         except (OSError, ConnectionError) as exc:
-            raise EmailError(f"resend: network error: {type(exc).__name__}: {exc}",
-                             transient=True) from None
+            raise ProviderError(f"resend: network error: {type(exc).__name__}: {exc}",
+                                ErrorKind.UNKNOWN) from None
         except Exception as exc:  # e.g. NoContentError, a malformed answer
-            raise EmailError(f"resend: unexpected {type(exc).__name__}: {exc}",
-                             transient=True) from None
-        provider_id = resp.get("id") if isinstance(resp, Mapping) else None
-        if not provider_id:
-            raise EmailError("resend: answer without an id", transient=True)
-        return str(provider_id)
+            raise ProviderError(f"resend: unexpected {type(exc).__name__}: {exc}",
+                                ErrorKind.UNKNOWN) from None
+        if isinstance(resp, Mapping):
+            limit = server_rate_limit(resp.get("http_headers"))
+            if limit:
+                self.server_rate_limit = limit
+        return resp

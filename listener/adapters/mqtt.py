@@ -5,7 +5,7 @@
 - A background task (`start()`) connects with a retained last will
   `<prefix>/listener/status` = `offline`, publishes a retained `online`, and
   drains the buffer in order: each event is JSON on
-  `<prefix>/sessions/<session_id>/<rule>` with QoS 1 and leaves the buffer only
+  `<prefix>/<table>/<row_id>/<rule>` with QoS 1 and leaves the buffer only
   once the broker acknowledged it (PUBACK). An event in flight when the
   connection drops is published again after reconnecting (at least once).
 - aiomqtt does not reconnect: on any connection error the task waits a capped,
@@ -115,7 +115,8 @@ class MqttPublisher:
     # -- EventPublisher -----------------------------------------------------------------
 
     def topic_for(self, event: ActionEvent) -> str:
-        return f"{self.prefix}/sessions/{_level(event.session_id)}/{_level(event.rule)}"
+        return (f"{self.prefix}/{_level(event.table)}/{_level(event.row_id)}/"
+                f"{_level(event.rule)}")
 
     @property
     def connected(self) -> bool:

@@ -1,45 +1,58 @@
-"""Changes by PostgreSQL LISTEN/NOTIFY (the trigger of migrations/0004_notify.sql)."""
+"""Changes by PostgreSQL LISTEN/NOTIFY: the trigger listener_watch_v1 installs on
+every watched table notifies channel `listener_changes`."""
 from __future__ import annotations
 
 import asyncio
+from typing import Mapping
 
 import orjson
 import psycopg
 import structlog
 
 from listener import metrics
-from listener.changes import BadChange, Change, change_from_payload
-from listener.sessions import BadRow, session_id_of
+from listener.changes import BadChange, Change, change_from_payload, key_of
+from listener.rules.query import TableQuery
 from listener.source import Backoff, ChangeSink
 
 log = structlog.get_logger("listener.source")
-CHANNEL = "listener_sessions"
+CHANNEL = "listener_changes"
 
 
-def change_from_notify(payload: str) -> Change:
+def change_from_notify(payload: str, key_columns: Mapping[str, str] | None = None) -> Change:
+    """{"type", "table", "record"} (INSERT, UPDATE), {"type", "table", "old_record"}
+    (DELETE) or {"type", "table", "key", "truncated": true} (the row did not
+    fit in a NOTIFY: the daemon reads it)."""
     try:
         obj = orjson.loads(payload)
     except orjson.JSONDecodeError as exc:
         raise BadChange(f"not JSON ({exc})") from None
     if isinstance(obj, dict) and obj.get("truncated"):
-        # The row did not fit in a NOTIFY: the daemon reads it.
-        try:
-            return Change(obj.get("type") or "UPDATE", session_id_of(obj), None)
-        except BadRow as exc:
-            raise BadChange(str(exc)) from None
-    return change_from_payload(obj)
+        table = obj.get("table")
+        if not isinstance(table, str) or not table:
+            raise BadChange("truncated change without a table")
+        kind = obj.get("type") if obj.get("type") in ("INSERT", "UPDATE", "DELETE") else "UPDATE"
+        return Change(kind, table, key_of(obj, "key", table), None)
+    return change_from_payload(obj, key_columns=key_columns)
 
 
 class NotifySource:
     name = "notify"
 
-    def __init__(self, conninfo: str, *, idle_probe: float = 10.0, probe_timeout: float = 5.0,
+    def __init__(self, conninfo: str, queries: Mapping[str, TableQuery] | None = None, *,
+                 idle_probe: float = 10.0, probe_timeout: float = 5.0,
                  channel: str = CHANNEL) -> None:
         self.conninfo = conninfo
+        # Only the watched tables' changes are delivered; a trigger left on a
+        # table no rule reads any more is ignored.
+        self.key_columns = None if queries is None else {t: q.key for t, q in queries.items()}
         self.idle_probe = idle_probe
         self.probe_timeout = probe_timeout
         self.channel = channel
         self.backoff = Backoff()
+
+    def use(self, queries: Mapping[str, TableQuery]) -> None:
+        """Follow these tables (the rules as active in this database)."""
+        self.key_columns = {t: q.key for t, q in queries.items()}
 
     async def run(self, sink: ChangeSink) -> None:
         while True:
@@ -63,14 +76,15 @@ class NotifySource:
             sink.subscribed(self.name)
             while True:
                 async for notify in conn.notifies(timeout=self.idle_probe):
-                    self._deliver(sink, notify.payload)
+                    self.deliver(sink, notify.payload)
                 await asyncio.wait_for(conn.execute("select 1"), self.probe_timeout)
 
-    @staticmethod
-    def _deliver(sink: ChangeSink, payload: str) -> None:
+    def deliver(self, sink: ChangeSink, payload: str) -> None:
         try:
-            change = change_from_notify(payload)
+            change = change_from_notify(payload, self.key_columns)
         except BadChange as exc:
             sink.bad_input("notify_payload", f"{exc}: {payload[:200]!r}")
+            return
+        if self.key_columns is not None and change.table not in self.key_columns:
             return
         sink.put(change)

@@ -1,7 +1,7 @@
 """The Supabase backend: PostgREST RPC for reads and writes, Realtime for changes.
 
 `RpcStore` is the Store port over supabase-py's `.rpc()`, calling the same SQL
-functions as `SqlStore` (migrations/0003_functions.sql) with the same argument
+functions as `SqlStore` (listener/adapters/calls.py) with the same argument
 names. `RealtimeSource` is the ChangeSource over Realtime `postgres_changes`,
 watched from outside: the client's own recovery has traps (REFERENCE.md), so
 any doubt about the stream tears the client down and builds a new one, and the
@@ -27,21 +27,20 @@ from tenacity import (
     stop_after_delay, wait_exponential_jitter)
 
 from listener import metrics
-from listener.adapters.store_sql import fired_from_json, unfinished_from_json
-from listener.changes import CHANGE_TYPES, BadChange, Change
+from listener.errors import Refusal, StoreError, StoreRefused, StoreUnavailable
+from listener.adapters.calls import (
+    COMPLETE, FIRE, PAGE, BadAnswer, Call, CallingStore, fired_from_json)
+from listener.changes import CHANGE_TYPES, BadChange, Change, key_of
 from listener.instants import BadInstant, Instant, format_instant, parse_instant
-from listener.sessions import TIMESTAMP_COLUMNS, BadRow, session_id_of
 from listener.source import Backoff, ChangeSink
+from listener.rules.model import Recipient
+from listener.rules.query import TableQuery
 from listener.store import (
-    CLAIMED, CONFLICT, DONE, FENCED, STALE, ActionKey, Contacts, Fence, FireRequest, Fired,
-    UnfinishedClaim)
+    CLAIMED, CONFLICT, DONE, FENCED, STALE, ActionKey, Fence, FireRequest, Fired)
 
 log = structlog.get_logger("listener.supabase")
 
 NIL_UUID = "00000000-0000-0000-0000-000000000000"
-# Supabase's PostgREST caps every result at "Max rows" (1000 by default, RPC
-# included): pages are that size, and only an empty page ends a sweep.
-PAGE = 1000
 MIGRATE_HINT = ("run `listener migrate --print` and paste the output into the Supabase "
                 "SQL editor")
 
@@ -49,27 +48,32 @@ MIGRATE_HINT = ("run `listener migrate --print` and paste the output into the Su
 # --------------------------------------------------------------------------- errors
 
 
-class RpcError(Exception):
+class RpcError(StoreError):
     """A PostgREST RPC failed. The message names the function, never the key."""
 
     def __init__(self, function: str, message: str, *, status: int | None = None,
                  code: str | None = None) -> None:
-        super().__init__(message)
+        super().__init__(message, sqlstate=code, status=status, operation=function)
         self.function = function
-        self.status = status
         self.code = code
 
 
-class RpcUnavailable(RpcError):
+class RpcUnavailable(RpcError, StoreUnavailable):
     """5xx, timeout or connection error: transient, and the outcome may be unknown."""
 
+    retry_after: float | None = None
 
-class RpcConfigError(RpcError):
+
+class RpcConfigError(RpcError, StoreRefused):
     """The project is not set up for the listener (missing function, grant, key, schema)."""
 
+    reason = Refusal.MISSING
 
-class RpcCallError(RpcError):
+
+class RpcCallError(RpcError, StoreRefused):
     """Any other 4xx: the call itself was refused (a bug or bad input); not retried."""
+
+    reason = Refusal.OTHER
 
 
 class _HttpStatus(Exception):
@@ -109,13 +113,13 @@ def _classify(fn: str, params: Mapping[str, Any], err: _HttpStatus) -> RpcError:
         args = ", ".join(params)
         return RpcConfigError(
             fn, f"{what}({args}) does not exist (PGRST202): the listener's functions are "
-            f"missing or out of date: apply migrations/0003_functions.sql ({MIGRATE_HINT}); "
+            f"missing or out of date: apply the listener's migrations ({MIGRATE_HINT}); "
             "if you just did, reload the API schema cache (NOTIFY pgrst, 'reload schema')",
             status=err.status, code=code)
     if code == "PGRST203":
         return RpcConfigError(
             fn, f"{what}: more than one function matches ({message}): drop the old overload, "
-            f"then re-apply migrations/0003_functions.sql", status=err.status, code=code)
+            f"then re-apply the listener's migrations", status=err.status, code=code)
     if code == "PGRST106":
         return RpcConfigError(
             fn, f"{what}: schema public is not exposed by the project's API ({message}): add "
@@ -125,7 +129,7 @@ def _classify(fn: str, params: Mapping[str, Any], err: _HttpStatus) -> RpcError:
         return RpcConfigError(
             fn, f"{what}: permission denied ({code or err.status}): the key's role may not "
             "EXECUTE it; SUPABASE_SERVICE_ROLE_KEY must be the service_role key (not anon), "
-            "and migrations/0003_functions.sql grants EXECUTE to service_role (re-run it "
+            "and the listener's migrations grant EXECUTE to service_role (re-run them "
             f"if the role was created after: {MIGRATE_HINT})", status=err.status, code=code)
     if err.status in (401, 403):
         return RpcConfigError(
@@ -157,29 +161,30 @@ def key_expiry(key: str) -> int | None:
 # --------------------------------------------------------------------------- the store
 
 
-class RpcStore:
-    """The Store port over PostgREST RPC: one call of one SQL function per method.
+class RpcStore(CallingStore):
+    """The Store port over PostgREST RPC: one call of one SQL function per method,
+    the same calls as SqlStore (listener/adapters/calls.py).
 
     Reads and idempotent calls are retried (bounded, exponential backoff with
     jitter) on 5xx, timeouts and connection errors. `fire` (which may change a
-    session's status) is not: when its outcome is unknown, the ledger says
-    whether it committed before anything is sent again.
+    row's status) is not: when its outcome is unknown, the ledger says whether
+    it committed before anything is sent again.
     """
 
-    def __init__(self, url: str, key: str, *, completed_since: Instant | None = None,
+    def __init__(self, url: str, key: str, queries: Mapping[str, TableQuery], *,
+                 recipients: Mapping[str, Mapping[str, Recipient]] | None = None,
                  timeout: httpx.Timeout | float = httpx.Timeout(10.0, connect=5.0),
                  max_attempts: int = 5, max_retry_s: float = 30.0,
                  retry_initial_s: float = 0.1, retry_max_s: float = 2.0,
                  page: int = PAGE) -> None:
+        super().__init__(queries, recipients=recipients, page=page)
         self.url = url.rstrip("/")
         self._key = key
-        self.completed_since = completed_since
         self.timeout = timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout)
         self.max_attempts = max_attempts
         self.max_retry_s = max_retry_s
         self.retry_initial_s = retry_initial_s
         self.retry_max_s = retry_max_s
-        self.page = page
         self.client: Any = None
         self._http: httpx.AsyncClient | None = None
 
@@ -231,7 +236,7 @@ class RpcStore:
         log.warning("rpc_retry", attempt=state.attempt_number, error=str(exc)[:300],
                     function=getattr(exc, "function", None))
 
-    async def _call(self, fn: str, params: dict[str, Any]) -> tuple[Any, bool]:
+    async def _retried(self, fn: str, params: dict[str, Any]) -> tuple[Any, bool]:
         """Call with retries; also say whether an attempt failed with an unknown outcome."""
         uncertain = False
         async for attempt in AsyncRetrying(
@@ -246,76 +251,43 @@ class RpcStore:
                     raise
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _data(self, fn: str, params: dict[str, Any]) -> Any:
-        return (await self._call(fn, params))[0]
+    async def invoke(self, call: Call, args: dict[str, Any]) -> Any:
+        return (await self._retried(call.function, call.json_args(args)))[0]
+
+    async def _call(self, call: Call, args: dict[str, Any]) -> Any:
+        try:
+            return await super()._call(call, args)
+        except BadAnswer as exc:
+            raise RpcCallError(call.function, str(exc)) from None
 
     # -- the Store port --------------------------------------------------------------------
 
     async def check(self) -> None:
         """Reachable, key accepted, functions there (with the signatures used here)
-        and executable: a read of no row, and a fire as a holder of no lease
-        (answered 'fenced' before it touches anything)."""
-        await self._data("listener_read_session", {"p_session_id": NIL_UUID})
+        and executable: a description of no table, and a fire as a holder of no
+        lease (answered 'fenced' before it touches anything)."""
+        await self.describe([])
         nobody = Fence("", -1)
-        answer = await self._data("listener_fire", self._fire_params(
-            FireRequest(ActionKey("_check", NIL_UUID, 0), 0), nobody))
+        answer = await self.invoke(FIRE, self.fire_args(
+            FireRequest(ActionKey("_check", "_check", NIL_UUID, 0), 0), nobody))
         if not isinstance(answer, dict) or answer.get("outcome") != FENCED:
-            raise RpcCallError("listener_fire", f"public.listener_fire: unexpected answer to a "
-                               f"check ({str(answer)[:200]}): is migrations/0003_functions.sql "
+            raise RpcCallError(FIRE.function, f"public.{FIRE.function}: unexpected answer to "
+                               f"a check ({str(answer)[:200]}): are the listener's migrations "
                                "current?")
 
     async def ping(self) -> bool:
         await self.check()
         return True
 
-    async def tracked_pages(self) -> AsyncIterator[list[dict[str, Any]]]:
-        """Pages of tracked rows (rule columns and `_version`), keyset by id; the
-        next page is fetched while the caller digests this one. Only an empty
-        page ends it: a project's "Max rows" may cut any page short."""
-        since = None if self.completed_since is None else format_instant(self.completed_since)
-        ahead = asyncio.ensure_future(self._page(None, since))
-        try:
-            while True:
-                page = await ahead
-                if not page:
-                    return
-                last = page[-1]
-                if not isinstance(last, dict) or not isinstance(last.get("id"), str):
-                    yield page  # cannot page on from garbage; the daemon reports the rows
-                    return
-                ahead = asyncio.ensure_future(self._page(last["id"], since))
-                yield page
-        finally:
-            ahead.cancel()
-            ahead.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved
-
-    async def _page(self, after: str | None, since: str | None) -> list[dict[str, Any]]:
-        page = await self._data("listener_tracked_sessions", {
-            "p_after": after, "p_limit": self.page, "p_completed_since": since})
-        if not isinstance(page, list):
-            raise RpcCallError("listener_tracked_sessions",
-                               f"public.listener_tracked_sessions: expected a JSON array, "
-                               f"got {type(page).__name__}")
-        return page
-
-    async def read_session(self, session_id: str) -> dict[str, Any] | None:
-        row = await self._data("listener_read_session", {"p_session_id": session_id})
-        return row if isinstance(row, dict) else None
-
-    def _key_params(self, key: ActionKey, fence: Fence) -> dict[str, Any]:
-        return {"p_rule": key.rule, "p_session_id": key.session_id,
-                "p_due_at": format_instant(key.due_at), "p_holder": fence.holder,
-                "p_token": fence.token}
-
     async def fire(self, request: FireRequest, fence: Fence) -> Fired:
-        """One call of listener_fire (version check, claim, compare-and-set, finish).
+        """One call of listener_fire_v2 (version check, claim, compare-and-set, finish).
 
         Not blindly retried: after a lost answer (timeout, 5xx, dropped
         connection) the first attempt may have committed, and a repeat would
         find the row changed by it ('stale') and record the action as skipped.
         The ledger settles it first (see `_settle`)."""
-        fn = "listener_fire"
-        params = self._fire_params(request, fence)
+        fn = FIRE.function
+        params = FIRE.json_args(self.fire_args(request, fence))
         uncertain = False
         last: RpcUnavailable | None = None
         wait = self._wait()
@@ -325,9 +297,8 @@ class RpcStore:
                 answer = fired_from_json(await self._once(fn, params))
             except RpcUnavailable as exc:
                 last, uncertain = exc, True
-                log.warning("rpc_fire_unknown", rule=request.key.rule,
-                            session_id=request.key.session_id, attempt=attempt,
-                            error=str(exc)[:300])
+                log.warning("rpc_fire_unknown", rule=request.key.rule, table=request.key.table,
+                            row_id=request.key.row_key, attempt=attempt, error=str(exc)[:300])
                 settled = await self._settle(request, fence)
                 if settled is not None:
                     return settled
@@ -337,7 +308,7 @@ class RpcStore:
                 state.attempt_number = attempt
                 await asyncio.sleep(wait(state))
                 continue
-            except (KeyError, TypeError, ValueError) as exc:
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
                 raise RpcCallError(fn, f"public.{fn}: unexpected answer ({exc!r})") from None
             if uncertain and answer.outcome in (STALE, CONFLICT, DONE):
                 # An earlier attempt may have committed after the ledger was looked at.
@@ -348,20 +319,12 @@ class RpcStore:
         assert last is not None
         raise last
 
-    def _fire_params(self, request: FireRequest, fence: Fence) -> dict[str, Any]:
-        return {**self._key_params(request.key, fence),
-                "p_fired_at": format_instant(request.fired_at), "p_version": request.version,
-                "p_expected": None if request.expected is None else list(request.expected),
-                "p_status": request.status, "p_reason": request.reason,
-                "p_finish": request.finish, "p_lateness_ms": request.lateness_ms,
-                "p_detail": request.detail}
-
     async def _probe(self, key: ActionKey, fence: Fence, at: Instant) -> Fired:
-        """A bare listener_fire (no row check, no status, no finish): claims the
-        episode, or takes our own claim over again (attempts + 1), and says where
-        the ledger stands. Idempotent, so retried like a read."""
+        """A bare fire (no row check, no status, no finish): claims the episode,
+        or takes our own claim over again (attempts + 1), and says where the
+        ledger stands. Idempotent, so retried like a read."""
         bare = FireRequest(key, at)
-        return fired_from_json(await self._data("listener_fire", self._fire_params(bare, fence)))
+        return fired_from_json(await self.invoke(FIRE, self.fire_args(bare, fence)))
 
     async def _settle(self, request: FireRequest, fence: Fence) -> Fired | None:
         """After a lost answer: the answer the ledger implies, or None when the
@@ -374,69 +337,50 @@ class RpcStore:
             if request.finish is not None:
                 # Finished by the lost attempt, or before it: either way nothing is
                 # left to do, and the ledger holds the record.
-                log.warning("rpc_fire_settled_done", rule=key.rule, session_id=key.session_id)
+                log.warning("rpc_fire_settled_done", rule=key.rule, table=key.table,
+                            row_id=key.row_key)
             return Fired(DONE)
         if probe.outcome != CLAIMED:
             return None
-        bare = request.version is None and request.status is None and request.finish is None
+        bare = (request.version is None and request.status is None
+                and not request.set_columns and request.finish is None)
         if bare:
             return probe  # the probe was that very request
-        if request.status is not None and probe.status_applied and request.finish is None:
-            # The status change committed (status_applied is set in its transaction).
-            log.info("rpc_fire_settled_applied", rule=key.rule, session_id=key.session_id)
-            row = await self.read_session(key.session_id)
+        changes = request.status is not None or bool(request.set_columns)
+        if changes and probe.status_applied and request.finish is None:
+            # The compare-and-set committed (status_applied is set in its transaction).
+            log.info("rpc_fire_settled_applied", rule=key.rule, table=key.table,
+                     row_id=key.row_key)
+            row = await self.read_row(key.table, key.row_key)
             return Fired(CLAIMED, True, probe.attempts, row)
         return None
 
     async def complete(self, key: ActionKey, fence: Fence, outcome: str, fired_at: Instant,
-                       lateness_ms: int, detail: dict[str, Any]) -> bool:
-        params = {**self._key_params(key, fence), "p_outcome": outcome,
-                  "p_fired_at": format_instant(fired_at), "p_lateness_ms": lateness_ms,
-                  "p_detail": detail}
-        done, uncertain = await self._call("listener_complete", params)
+                       lateness_ms: int, detail: dict[str, Any],
+                       timeline: dict[str, Any] | None = None) -> bool:
+        params = COMPLETE.json_args(self.complete_args(key, fence, outcome, fired_at,
+                                                       lateness_ms, detail, timeline))
+        done, uncertain = await self._retried(COMPLETE.function, params)
         if not done and uncertain:
             # A conditional update: false after a lost answer may mean "already done".
             probe = await self._probe(key, fence, fired_at)
             if probe.outcome == CLAIMED:  # still open and ours: the lease came back between
-                return bool(await self._data("listener_complete", params))
+                return bool(await self._once(COMPLETE.function, params))
             return probe.outcome == DONE
         return bool(done)
-
-    async def unfinished_claims(self) -> list[UnfinishedClaim]:
-        rows = await self._data("listener_unfinished_claims", {"p_older_than": "0"})
-        return [unfinished_from_json(r) for r in rows or []]
-
-    async def contacts(self, session_id: str) -> Contacts:
-        row = await self._data("listener_session_contacts", {"p_session_id": session_id})
-        return Contacts(**(row if isinstance(row, dict) else {}))
-
-    async def acquire_lease(self, holder: str, ttl_seconds: float) -> int | None:
-        token = await self._data("listener_lease_acquire",
-                                 {"p_holder": holder, "p_ttl_ms": int(ttl_seconds * 1000)})
-        return None if token is None else int(token)
-
-    async def renew_lease(self, fence: Fence, ttl_seconds: float) -> bool:
-        return bool(await self._data("listener_lease_renew", {
-            "p_holder": fence.holder, "p_token": fence.token,
-            "p_ttl_ms": int(ttl_seconds * 1000)}))
-
-    async def release_lease(self, fence: Fence) -> None:
-        await self._data("listener_lease_release",
-                         {"p_holder": fence.holder, "p_token": fence.token})
 
 
 # --------------------------------------------------------------------------- changes
 
 SUBSCRIBED_MESSAGE = "Subscribed to PostgreSQL"
-# The columns the rules read: a record without one of them is re-read.
-RULE_COLUMNS = ("id", "status", "mechanic_id", "status_changed_at", *TIMESTAMP_COLUMNS)
 
 
-def change_from_realtime(payload: Any, schema: str = "public", table: str = "sessions") -> Change:
-    """A `postgres_changes` payload ({"ids", "data": {...}}) as a Change. Raises
-    BadChange. A change Realtime marked with `errors` (413 Payload Too Large) or
-    whose record lacks a column the rules read comes without a record: the
-    daemon reads the row."""
+def change_from_realtime(payload: Any, query: TableQuery, schema: str = "public") -> Change:
+    """A `postgres_changes` payload ({"ids", "data": {...}}) of the query's table
+    as a Change, keyed by the query's key column. Raises BadChange. A change
+    Realtime marked with `errors` (413 Payload Too Large) or whose record lacks
+    a column the rules read (an unchanged TOASTed value) comes without a
+    record: the daemon reads the row."""
     if not isinstance(payload, Mapping):
         raise BadChange("payload is not an object")
     data = payload.get("data")
@@ -446,6 +390,7 @@ def change_from_realtime(payload: Any, schema: str = "public", table: str = "ses
     kind = getattr(kind, "value", kind)
     if kind not in CHANGE_TYPES:
         raise BadChange(f"type must be one of {', '.join(CHANGE_TYPES)}, not {kind!r:.40}")
+    table = query.table
     if data.get("schema") != schema or data.get("table") != table:
         raise BadChange(f"change of {data.get('schema')!r:.40}.{data.get('table')!r:.40}, "
                         f"not {schema}.{table}")
@@ -455,17 +400,14 @@ def change_from_realtime(payload: Any, schema: str = "public", table: str = "ses
     except BadInstant:
         pass  # informative only
     record, old = data.get("record"), data.get("old_record")
-    try:
-        if kind == "DELETE":
-            return Change(kind, session_id_of(old if old else record), None, at, table)
-        if not isinstance(record, Mapping) or not record:
-            return Change(kind, session_id_of(old), None, at, table)
-        sid = session_id_of(record)
-    except BadRow as exc:
-        raise BadChange(str(exc)) from None
-    if data.get("errors") or any(c not in record for c in RULE_COLUMNS):
-        return Change(kind, sid, None, at, table)
-    return Change(kind, sid, dict(record), at, table)
+    if kind == "DELETE":
+        return Change(kind, table, key_of(old if old else record, query.key, table), None, at)
+    if not isinstance(record, Mapping) or not record:
+        return Change(kind, table, key_of(old, query.key, table), None, at)
+    key = key_of(record, query.key, table)
+    if data.get("errors") or any(c not in record for c in query.columns):
+        return Change(kind, table, key, None, at)
+    return Change(kind, table, key, dict(record), at)
 
 
 # --------------------------------------------------------------------------- the source
@@ -493,7 +435,8 @@ class _Attempt:
 
 
 class RealtimeSource:
-    """Row changes of public.sessions through Supabase Realtime `postgres_changes`.
+    """Row changes of every watched table through Supabase Realtime
+    `postgres_changes`: one channel, one binding per table.
 
     One AsyncRealtimeClient per attempt, with the client's own reconnect off:
     a watchdog decides, and every recovery is the same path (tear down, back
@@ -502,7 +445,8 @@ class RealtimeSource:
 
     name = "realtime"
 
-    def __init__(self, url: str, key: str, *, schema: str = "public", table: str = "sessions",
+    def __init__(self, url: str, key: str, queries: Mapping[str, TableQuery], *,
+                 schema: str = "public",
                  join_timeout: float = 10.0, connect_timeout: float = 10.0,
                  subscribed_timeout: float = 20.0, join_grace: float = 10.0,
                  watch_interval: float = 1.0, stable_after: float = 10.0,
@@ -511,7 +455,7 @@ class RealtimeSource:
         self.realtime_url = url.rstrip("/") + "/realtime/v1"
         self._key = key
         self.schema = schema
-        self.table = table
+        self.queries = dict(queries)
         self.join_timeout = join_timeout
         self.connect_timeout = connect_timeout
         self.subscribed_timeout = subscribed_timeout
@@ -536,8 +480,16 @@ class RealtimeSource:
             if client_log.level == logging.NOTSET:
                 client_log.setLevel(logging.CRITICAL)
 
+    def use(self, queries: Mapping[str, TableQuery]) -> None:
+        """Follow these tables (the rules as active in this database), from the
+        next subscription on."""
+        self.queries = dict(queries)
+
     def __repr__(self) -> str:  # never the key
         return f"RealtimeSource({self.realtime_url!r})"
+
+    def _table_names(self) -> str:
+        return ", ".join(f"{self.schema}.{t}" for t in self.queries) or "the tables"
 
     async def run(self, sink: ChangeSink) -> None:
         while True:
@@ -560,7 +512,7 @@ class RealtimeSource:
         from realtime import AsyncRealtimeClient
 
         self.attempts += 1
-        topic = f"listener-{self.table}-{self.tag}-{self.attempts}"
+        topic = f"listener-{self.tag}-{self.attempts}"
         attempt = self._attempt = _Attempt(self.attempts, topic, time.monotonic())
         client = self.client = AsyncRealtimeClient(
             self.realtime_url, self._key, auto_reconnect=False, max_retries=1,
@@ -571,9 +523,11 @@ class RealtimeSource:
             except (Exception, TimeoutError) as exc:  # noqa: BLE001
                 return f"connect failed: {_describe_connect_error(exc)}"
             channel = self.channel = client.channel(topic)
-            channel.on_postgres_changes(
-                "*", callback=lambda payload: self._on_change(attempt, sink, payload),
-                schema=self.schema, table=self.table)
+            for query in self.queries.values():
+                channel.on_postgres_changes(
+                    "*", callback=lambda payload, q=query: self._on_change(attempt, sink, q,
+                                                                           payload),
+                    schema=self.schema, table=query.table)
             channel.on_system(lambda payload: self._on_system(attempt, sink, payload))
             try:
                 await asyncio.wait_for(
@@ -588,21 +542,24 @@ class RealtimeSource:
 
     # -- callbacks: they run inside the client's listen task and must never raise --------
 
-    def _on_change(self, attempt: _Attempt, sink: ChangeSink, payload: Any) -> None:
+    def _on_change(self, attempt: _Attempt, sink: ChangeSink, query: TableQuery,
+                   payload: Any) -> None:
         try:
-            change = change_from_realtime(payload, self.schema, self.table)
+            change = change_from_realtime(payload, query, self.schema)
         except BadChange as exc:
             with contextlib.suppress(Exception):
-                sink.bad_input("realtime_payload", f"{exc}: {str(payload)[:200]}")
+                sink.bad_input("realtime_payload", f"{exc}: {str(payload)[:200]}", query.table)
             return
         except Exception as exc:  # noqa: BLE001
             with contextlib.suppress(Exception):
-                sink.bad_input("realtime_payload", f"unreadable ({exc!r}): {str(payload)[:200]}")
+                sink.bad_input("realtime_payload",
+                               f"unreadable ({exc!r}): {str(payload)[:200]}", query.table)
             return
         try:
             sink.put(change)
         except Exception as exc:  # noqa: BLE001
-            log.error("realtime_put_failed", error=repr(exc), session_id=change.session_id)
+            log.error("realtime_put_failed", error=repr(exc), table=change.table,
+                      row_id=change.key)
 
     def _on_system(self, attempt: _Attempt, sink: ChangeSink, payload: Any) -> None:
         try:
@@ -635,8 +592,8 @@ class RealtimeSource:
             else:
                 detail = str(error)[:300] if error else ""
                 if "Unable to subscribe" in detail:
-                    detail += (" (is public.sessions in the supabase_realtime publication? "
-                               "migrations/0005_realtime_publication.sql adds it)")
+                    detail += (f" (are {self._table_names()} in the supabase_realtime "
+                               "publication? listener migrate adds them)")
                 attempt.fail(f"channel {value}" + (f": {detail}" if detail else ""))
         except Exception:  # noqa: BLE001
             with contextlib.suppress(Exception):
@@ -673,7 +630,7 @@ class RealtimeSource:
             since = attempt.joined_at if attempt.joined_at is not None else attempt.started
             if now - since > self.subscribed_timeout:
                 return (f"no \"{SUBSCRIBED_MESSAGE}\" within {self.subscribed_timeout:g} s "
-                        "(is public.sessions in the supabase_realtime publication?)")
+                        f"(are {self._table_names()} in the supabase_realtime publication?)")
         return None
 
     async def _watch(self, attempt: _Attempt, client: Any, channel: Any) -> str:
@@ -727,11 +684,13 @@ def _describe_connect_error(exc: BaseException) -> str:
 # --------------------------------------------------------------------------- the backend
 
 
-async def open_supabase_backend(settings: Any, completed_since: Instant | None = None) -> Any:
+async def open_supabase_backend(settings: Any, queries: Mapping[str, TableQuery],
+                                recipients: Mapping[str, Mapping[str, Recipient]] | None = None
+                                ) -> Any:
     """RpcStore + RealtimeSource from SUPABASE_URL and SUPABASE_SERVICE_ROLE_KEY,
     checked: reachable, key accepted, functions present and executable."""
     from listener.logs import register_secret
-    from listener.runtime import Backend, ConfigError
+    from listener.backend import Backend, ConfigError
 
     if not settings.supabase_url or settings.supabase_service_role_key is None:
         raise ConfigError("SUPABASE_URL and SUPABASE_SERVICE_ROLE_KEY are both required")
@@ -748,7 +707,7 @@ async def open_supabase_backend(settings: Any, completed_since: Instant | None =
                               "service_role key from the project's API settings")
         if left < 30 * 86400:
             log.warning("service_key_expires_soon", days=round(left / 86400, 1))
-    store = RpcStore(url, key, completed_since=completed_since, max_attempts=3, max_retry_s=10)
+    store = RpcStore(url, key, queries, recipients=recipients, max_attempts=3, max_retry_s=10)
     try:
         await store.open()
     except Exception as exc:  # noqa: BLE001 - supabase-py's own URL/key validation
@@ -766,4 +725,4 @@ async def open_supabase_backend(settings: Any, completed_since: Instant | None =
         raise ConfigError(f"Supabase unreachable: {_redact(str(exc), key)}") from None
     store.max_attempts, store.max_retry_s = 5, 30.0
     log.info("supabase_backend", url=url, realtime=f"{url}/realtime/v1")
-    return Backend("supabase", store, RealtimeSource(url, key), None, [store.close])
+    return Backend("supabase", store, RealtimeSource(url, key, queries), None, [store.close])

@@ -116,6 +116,8 @@ class Table:
     # The app page a row's emails link to, with {key} for the row's key.
     link: str | None = None
     label: str | None = None  # how emails name a row of this table ("session", "reservation")
+    # Columns emails show (read where they exist; no rule reads them).
+    show: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,7 +31,7 @@ class TableQuery:
     def as_json(self) -> dict[str, Any]:
         return {"table": self.table, "key": self.key, "status": self.status,
                 "columns": list(self.columns), "conditions": list(self.conditions),
-                "parent": self.parent}
+                "parent": self.parent, "stamps_status": self.stamps_status}
 
 
 def anchor_json(table: Table, anchor: str, maps: dict[str, dict[str, float]]) -> dict[str, Any]:
@@ -59,10 +59,15 @@ def horizon(rule: Rule, max_notify_lateness: int) -> int | None:
     effect, so a sweep need not load rows whose anchors are all older than
     now - horizon (a first deployment would otherwise reload years of history).
     """
-    if rule.set_status or rule.set_columns or rule.webhook:
+    if rule.set_status or rule.webhook:
         return None
-    limit = abs(rule.offset) // 4 if rule.lateness is Lateness.SKIP_PAST_QUARTER \
-        else max_notify_lateness
+    if rule.lateness is Lateness.SKIP_PAST_QUARTER:
+        # Skipped altogether when that late: its column sets do not apply either.
+        limit = abs(rule.offset) // 4
+    elif rule.set_columns:
+        return None
+    else:
+        limit = max_notify_lateness
     # One minute of margin for sweeps that run a little late.
     return limit + rule.offset + 60_000_000
 
@@ -81,7 +86,7 @@ def condition_json(rule: Rule, table: Table, maps: dict[str, dict[str, float]],
 
 
 def rule_columns(rule: Rule, table: Table) -> list[str]:
-    """The real columns a rule reads (derived anchors expand to their inputs)."""
+    """The real columns a rule needs (derived anchors expand to their inputs)."""
     out: list[str] = []
     for column in rule.columns:
         derived = table.derived.get(column)
@@ -89,8 +94,26 @@ def rule_columns(rule: Rule, table: Table) -> list[str]:
     return out
 
 
-def table_queries(ruleset: RuleSet, max_notify_lateness: int) -> dict[str, TableQuery]:
-    """One TableQuery per watched table: rule tables in table order, then child tables."""
+def optional_columns(rule: Rule, table: Table) -> list[str]:
+    """Columns read where they exist: the recipients of "role?" (is there one?),
+    and for a rule with a webhook every recipient column (whose row it is)."""
+    out: list[str] = []
+    for role in rule.notify:
+        if role.endswith("?") and role[:-1] in table.recipients:
+            out += [s.column for s in table.recipients[role[:-1]].sources if s.column]
+    if rule.webhook:
+        out += [s.column for r in table.recipients.values() for s in r.sources if s.column]
+    return out
+
+
+def table_queries(ruleset: RuleSet, max_notify_lateness: int,
+                  available: dict[str, set[str]] | None = None) -> dict[str, TableQuery]:
+    """One TableQuery per watched table: rule tables in table order, then child tables.
+
+    `available` (table -> columns the database has), when known, drops optional
+    columns the database lacks; the rules that need a missing column are made
+    inactive before this is called.
+    """
     maps = {name: dict(values) for name, values in ruleset.maps.items()}
     out: dict[str, TableQuery] = {}
     for name in ruleset.rule_tables():
@@ -99,6 +122,10 @@ def table_queries(ruleset: RuleSet, max_notify_lateness: int) -> dict[str, Table
         columns = [table.key, table.status]
         for rule in rules:
             columns += rule_columns(rule, table)
+        have = None if available is None else available.get(name)
+        for rule in rules:
+            columns += [c for c in optional_columns(rule, table) if have is None or c in have]
+        columns += [c for c in table.show if have is None or c in have]
         out[name] = TableQuery(
             name, table.key, table.status, tuple(dict.fromkeys(columns)),
             tuple(condition_json(r, table, maps, max_notify_lateness) for r in rules),

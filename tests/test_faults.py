@@ -1,0 +1,193 @@
+"""Faults on real PostgreSQL with the real daemon: a change the source drops, rows
+with timestamps Python cannot hold, garbage NOTIFY payloads, a contacts lookup
+whose backend is terminated, a bug in the sweep. Each time the ordinary rows are
+still handled, on time, once."""
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from listener import metrics
+from listener.adapters.calls import CONTACTS, TRACKED_ROWS
+from listener.adapters.source_notify import NotifySource
+from listener.adapters.store_sql import SqlStore
+from tests.live import LiveDaemon, eventually, insert_session, ledger, query, seed_people
+
+
+def bad_input(kind: str) -> float:
+    return metrics.REGISTRY.get_sample_value("listener_bad_input_total", {"kind": kind}) or 0.0
+
+
+class DroppingSource(NotifySource):
+    """The real NOTIFY source, but the change of one row never reaches the daemon,
+    as a Realtime socket that looks healthy can lose a frame."""
+
+    def __init__(self, conninfo: str, **kwargs: Any) -> None:
+        super().__init__(conninfo, **kwargs)
+        self.drop: set[str] = set()
+        self.dropped = 0
+
+    async def run(self, sink: Any) -> None:
+        source = self
+
+        class Lossy:
+            def __getattr__(self, name: str) -> Any:
+                return getattr(sink, name)
+
+            def put(self, change: Any) -> None:
+                if change.key in source.drop:
+                    source.dropped += 1
+                    return
+                sink.put(change)
+
+        await super().run(Lossy())
+
+
+async def test_a_change_the_source_dropped_is_acted_on_within_seconds(
+        database: str, tmp_path: Path) -> None:
+    seed_people(database)
+    source = DroppingSource(database, idle_probe=2.0)
+    # Real-time thresholds and a full sweep only every 10 minutes: only the
+    # incremental read can find the row in time.
+    async with LiveDaemon(database, tmp_path, env={}, source=source, reconcile_s=600) as live:
+        await live.active()
+        sid = "0a000000-0000-4000-8000-00000000000d"
+        source.drop.add(sid)
+        committed = time.monotonic()
+        # A request already 15 minutes old: it owes its expiry the moment it is seen.
+        with psycopg.connect(database, autocommit=True) as conn:
+            conn.execute("insert into public.sessions (id, status, customer_user_id, "
+                         "status_changed_at) values (%s, 'pending', "
+                         "'22222222-2222-4222-8222-222222222222', now() - interval '16 minutes')",
+                         (sid,))
+        await eventually(lambda: live.fired("request_expiry"), timeout=10)
+        elapsed = time.monotonic() - committed
+    assert source.dropped >= 1, "the change was not dropped: the test proves nothing"
+    assert elapsed < 5.0, f"found {elapsed:.2f} s after its commit"
+    print(f"\ndropped change acted on {elapsed:.2f} s after its commit")
+    assert query(database, "select status from public.sessions where id = %s", sid) == [
+        ("expired",)]
+
+
+async def test_extreme_timestamps_are_bad_columns_and_blind_nobody(
+        database: str, tmp_path: Path) -> None:
+    seed_people(database)
+    before = bad_input("column")
+    odd = []
+    with psycopg.connect(database, autocommit=True) as conn:
+        for value in ("infinity", "-infinity", "0001-01-01 00:00:00+00 BC", "9999-12-31 23:59:59+00"):
+            row = conn.execute(
+                "insert into public.sessions (status, customer_user_id, scheduled_for, "
+                "started_at, ended_at, expires_at, status_changed_at) values ('pending', "
+                "'22222222-2222-4222-8222-222222222222', %s, %s, %s, %s, now()) returning id",
+                (value,) * 4).fetchone()
+            odd.append(str(row[0]))
+    async with LiveDaemon(database, tmp_path) as live:
+        await live.active()
+        ordinary = insert_session(database, status="pending")
+        await eventually(lambda: any(r.key.row_key == ordinary for r in live.fired("request_expiry")))
+        assert live.daemon.readiness.database_reachable
+    assert bad_input("column") > before
+    # The odd rows are rows too: pending with no mechanic, so they expire like any other.
+    assert ("request_expiry", "fired", ordinary) in ledger(database, ordinary)
+
+
+async def test_garbage_notify_payloads_are_counted_and_the_daemon_goes_on(
+        database: str, tmp_path: Path) -> None:
+    seed_people(database)
+    before = bad_input("notify_payload")
+    async with LiveDaemon(database, tmp_path) as live:
+        await live.active()
+        with psycopg.connect(database, autocommit=True) as conn:
+            conn.execute("select pg_notify('listener_changes', 'not json')")
+            conn.execute("select pg_notify('listener_changes', '[1, 2, 3]')")
+            conn.execute("select pg_notify('listener_changes', %s)",
+                         ('{"type": "UPDATE", "table": "sessions", "record": {"id": "x", '
+                          '"pad": "' + "y" * 7800 + '"}}',))
+            # A row that does not exist: read, found missing, nothing owed.
+            conn.execute("select pg_notify('listener_changes', %s)",
+                         ('{"type": "UPDATE", "table": "sessions", "key": '
+                          '"0b000000-0000-4000-8000-000000000000", "truncated": true}',))
+        sid = insert_session(database, status="pending")
+        await eventually(lambda: any(r.key.row_key == sid for r in live.fired("request_expiry")))
+        assert live.daemon.readiness.ready() or live.daemon.readiness.database_reachable
+    assert bad_input("notify_payload") >= before + 2
+
+
+class TerminatedContacts(SqlStore):
+    """The backend running the first contacts lookup is terminated mid-call, as a
+    pooler recycling it or a failover would."""
+
+    def __init__(self, conninfo: str) -> None:
+        super().__init__(conninfo)
+        self.terminated = 0
+
+    async def invoke(self, call: Any, args: dict[str, Any]) -> Any:
+        if call is CONTACTS and not self.terminated:
+            self.terminated += 1
+            return await super().invoke(_Terminating(call), args)  # type: ignore[arg-type]
+        return await super().invoke(call, args)
+
+
+class _Terminating:
+    """A call that kills its own backend before answering."""
+
+    def __init__(self, call: Any) -> None:
+        self.call = call
+        self.function = call.function
+
+    def sql(self) -> str:
+        return "select pg_terminate_backend(pg_backend_pid())"
+
+    def sql_args(self, args: dict[str, Any]) -> dict[str, Any]:
+        return {}
+
+
+async def test_a_terminated_contacts_lookup_still_sends_the_email_once(
+        database: str, tmp_path: Path) -> None:
+    seed_people(database)
+    store = TerminatedContacts(database)
+    async with LiveDaemon(database, tmp_path, store=store) as live:
+        await live.active()
+        sid = insert_session(database, status="pending")
+        await eventually(lambda: any(r.key.row_key == sid for r in live.fired("request_expiry")))
+        result = next(r for r in live.fired("request_expiry") if r.key.row_key == sid)
+    assert store.terminated == 1
+    assert result.outcome == "fired", result.detail
+    customer_emails = [p for p in tmp_path.glob("request_expiry-*-customer-*.json")]
+    assert len(customer_emails) == 1
+
+
+class BuggySweep(SqlStore):
+    """A bug in the sweep (not the database): the first full sweep raises."""
+
+    def __init__(self, conninfo: str) -> None:
+        super().__init__(conninfo)
+        self.raised = 0
+
+    async def invoke(self, call: Any, args: dict[str, Any]) -> Any:
+        if call is TRACKED_ROWS and not self.raised:
+            self.raised += 1
+            raise RuntimeError("a bug in the sweep")
+        return await super().invoke(call, args)
+
+
+async def test_a_bug_in_the_sweep_is_a_bug_not_an_outage(database: str, tmp_path: Path) -> None:
+    seed_people(database)
+    bugs = metrics.REGISTRY.get_sample_value("listener_bugs_total", {"part": "reconcile"}) or 0
+    store = BuggySweep(database)
+    sid = insert_session(database, status="pending")
+    async with LiveDaemon(database, tmp_path, store=store) as live:
+        # The first sweep failed on the bug; the supervisor restarts the loop and
+        # the sweep after the next subscription (or interval) runs.
+        await eventually(lambda: store.raised == 1)
+        assert live.daemon.readiness.database_reachable
+        live.daemon.term._sweep_requested.set()
+        await asyncio.wait_for(live.daemon.events.swept(1), 20)
+        await eventually(lambda: any(r.key.row_key == sid for r in live.fired("request_expiry")))
+    after = metrics.REGISTRY.get_sample_value("listener_bugs_total", {"part": "reconcile"}) or 0
+    assert after == bugs + 1
