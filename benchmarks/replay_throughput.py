@@ -1,5 +1,5 @@
 """Replay throughput (change events per second, one core) and memory per tracked
-session. Prints a table; targets from SPEC section 7: >= 50,000 events/s,
+session. Prints a table; targets: >= 50,000 events/s,
 <= 1 KB per session.
 
     python benchmarks/replay_throughput.py [--sessions 20000]

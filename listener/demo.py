@@ -19,7 +19,7 @@ import time
 import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Awaitable, Callable
 
 import psycopg
 from psycopg import sql
@@ -27,7 +27,7 @@ from psycopg import sql
 from listener import app_writes as app
 from listener.executor import ActionResult
 from listener.instants import SECOND
-from listener.rules.model import Outcome, Rule, RuleSet
+from listener.rules.model import Outcome, RuleSet
 from listener.settings import Settings
 from listener.tables import format_table
 

@@ -95,13 +95,13 @@ def compile_due(rule: Rule, table: Table, maps: Mapping[str, Mapping[str, float]
             for m, term in enumerate(derived.lookups):
                 values = maps.get(term.map, {})
                 namespace[f"MAP{n}_{m}"] = {k: round(v * term.unit) for k, v in values.items()}
-                lines += [f"    if b is not None:",
+                lines += ["    if b is not None:",
                           f"        v = s.{term.column}",
                           f"        d = MAP{n}_{m}.get(v) if v is not None else None",
-                          f"        if d is None:",
+                          "        if d is None:",
                           f"            UNKNOWN({term.column!r}, v)",
-                          f"            b = None",
-                          f"        else: b += d"]
+                          "            b = None",
+                          "        else: b += d"]
             for m, term in enumerate(derived.sums):
                 namespace[f"SUM{n}_{m}"] = sums[term]
                 lines += [f"    if b is not None: b += round(SUM{n}_{m}.get(s._key, 0) * {term.unit})"]

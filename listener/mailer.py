@@ -520,10 +520,10 @@ class Mailer:
             EMAIL_ATTEMPTS.inc()
             try:
                 if len(payload) == 1:
-                    ids = [await self.sender.send_item(  # type: ignore[attr-defined]
-                        payload[0], ref_of(payload[0]) or key)]
+                    await self.sender.send_item(  # type: ignore[attr-defined]
+                        payload[0], ref_of(payload[0]) or key)
                 else:
-                    ids = await self.sender.send_batch(payload, key)  # type: ignore[attr-defined]
+                    await self.sender.send_batch(payload, key)  # type: ignore[attr-defined]
             except asyncio.CancelledError:
                 raise
             except ProviderError as exc:

@@ -1,4 +1,4 @@
-"""Each rule, on virtual time, with the boundary instants of SPEC section 4."""
+"""Each rule, on virtual time, with the boundary instants of the firing rules."""
 from __future__ import annotations
 
 import pytest

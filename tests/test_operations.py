@@ -1,4 +1,4 @@
-"""Operations (issue 6) with REAL processes: `python -m listener run` as
+"""Operations with REAL processes: `python -m listener run` as
 subprocesses on a fresh PostgreSQL database, watched through their JSON logs
 (stderr), their ops endpoint (OPS_PORT) and the database itself.
 
@@ -269,7 +269,7 @@ def test_sigterm_exits_0_releases_the_lease_and_the_next_instance_acquires_at_on
     shutdown_s = time.monotonic() - sent
     print(f"\n[shutdown] SIGTERM -> exit {code} in {shutdown_s:.2f} s")
     assert code == 0, a.tail()
-    assert shutdown_s < 10.0  # SPEC 6: exit 0 within 10 s
+    assert shutdown_s < 10.0  # SIGTERM: exit 0 within 10 s
     for event in ("stopping", "lease_released", "listener_stopped"):
         assert a.events(event), f"no {event}:\n{a.tail()}"
     holder, token, _ = lease(database)
@@ -327,7 +327,7 @@ def test_readiness_standby_active_and_database_down(
 
     b = spawn("b", ops=True)
     b.wait_for("standing_by")
-    # Standing by is ready (SPEC 5: "lease held or standing by"): a deploy starts
+    # Standing by is ready ("lease held or standing by"): a deploy starts
     # the new instance next to the old one and must see it ready.
     status, body = wait_until(lambda: (r := b.get("/readyz"))[0] == 200 and r,
                               what="the standby ready")

@@ -47,7 +47,7 @@ async def test_sessions_present_at_start_are_loaded_and_caught_up(
     async with LiveDaemon(database, tmp_path) as live:
         await eventually(lambda: live.fired("waiting_timeout"))
         outcomes = {r.key.rule: r.outcome for r in live.results}
-    # Years late: status still changes, nobody is emailed (SPEC 4, catch-up).
+    # Years late: status still changes, nobody is emailed (catch-up).
     assert outcomes == {"mechanic_nudge": "late", "support_stuck_alert": "late",
                         "waiting_timeout": "late"}
     assert query(database, "select status from public.sessions where id = %s", old) == [

@@ -515,7 +515,7 @@ def test_callbacks_never_raise() -> None:
 async def test_failover_between_two_processes_on_supabase(database: str, stack: SupabaseStack,
                                                           tmp_path: Path) -> None:
     """kill -9 the active instance: the standby takes over within the lease time and
-    every action due in between fires once (issue 6, Supabase backend)."""
+    every action due in between fires once (the Supabase backend)."""
     outbox = tmp_path / "outbox"
     procs: dict[str, tuple[asyncio.subprocess.Process, Path]] = {}
 

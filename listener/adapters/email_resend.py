@@ -47,7 +47,7 @@ import resend
 from resend.exceptions import RateLimitError, ResendError
 from resend.http_client_async import AsyncHTTPClient
 
-from listener.effects import EmailError, OutgoingEmail
+from listener.effects import OutgoingEmail
 from listener.email_batch import (REF_HEADER, ErrorKind, ProviderError, canonical,
                                   canonical_payload)
 

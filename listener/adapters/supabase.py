@@ -3,7 +3,7 @@
 `RpcStore` is the Store port over supabase-py's `.rpc()`, calling the same SQL
 functions as `SqlStore` (listener/adapters/calls.py) with the same argument
 names. `RealtimeSource` is the ChangeSource over Realtime `postgres_changes`,
-watched from outside: the client's own recovery has traps (REFERENCE.md), so
+watched from outside: the client's own recovery has traps (a raising callback ends its listen task), so
 any doubt about the stream tears the client down and builds a new one, and the
 daemon sweeps once the server says "Subscribed to PostgreSQL" again.
 """
@@ -16,7 +16,7 @@ import logging
 import time
 import uuid
 from collections.abc import Mapping
-from typing import Any, AsyncIterator
+from typing import Any
 
 import httpx
 import orjson
@@ -31,7 +31,7 @@ from listener.errors import Refusal, StoreError, StoreRefused, StoreUnavailable
 from listener.adapters.calls import (
     COMPLETE, FIRE, PAGE, BadAnswer, Call, CallingStore, fired_from_json)
 from listener.changes import CHANGE_TYPES, BadChange, Change, key_of
-from listener.instants import BadInstant, Instant, format_instant, parse_instant
+from listener.instants import BadInstant, Instant, parse_instant
 from listener.source import Backoff, ChangeSink
 from listener.rules.model import Recipient
 from listener.rules.query import TableQuery
@@ -570,7 +570,7 @@ class RealtimeSource:
             if not attempt.current:
                 return
             if status == "ok" and message == SUBSCRIBED_MESSAGE:
-                # Only now does the server stream: sweep from here (REFERENCE.md).
+                # Only now does the server stream: changes before this message are lost.
                 attempt.streaming_at = time.monotonic()
                 self.subscriptions += 1
                 log.info("source_subscribed", source=self.name, topic=attempt.topic,

@@ -24,7 +24,7 @@ from typing import Iterator
 import psycopg
 
 from listener import migrate
-from listener.instants import DAY, format_instant, parse_instant
+from listener.instants import DAY, parse_instant
 from listener.report.browser import screenshot
 from listener.report.formats import ReportFormat, render
 from listener.report.sources import build_report, sql_source
