@@ -1029,10 +1029,15 @@ $$;
 
 -- ---------------------------------------------------------------- privileges
 
--- Only the owner and service_role may call these, or read the registry:
--- revoke what PostgreSQL (PUBLIC) and Supabase's default privileges (anon,
--- authenticated) grant.
-do $$
+-- Functions are callable only by their owner and service_role: this revokes
+-- what PostgreSQL (PUBLIC) and Supabase's default privileges (anon,
+-- authenticated) grant, for every function of public whose name matches
+-- p_like. Each migration calls it for the functions it creates.
+create or replace function public.listener_restrict_functions_v1(p_like text)
+returns void
+language plpgsql
+set search_path = public, pg_temp
+as $$
 declare
     fn text;
     api_role text;
@@ -1040,7 +1045,7 @@ begin
     for fn in
         select p.oid::regprocedure::text
           from pg_proc p join pg_namespace n on n.oid = p.pronamespace
-         where n.nspname = 'public' and p.proname like 'listener\_%'
+         where n.nspname = 'public' and p.proname like p_like
     loop
         execute format('revoke all on function %s from public', fn);
         foreach api_role in array array['anon', 'authenticated'] loop
@@ -1052,6 +1057,17 @@ begin
             execute format('grant execute on function %s to service_role', fn);
         end if;
     end loop;
+end
+$$;
+
+-- Only the owner and service_role may call these, or read the registry:
+-- revoke what PostgreSQL (PUBLIC) and Supabase's default privileges (anon,
+-- authenticated) grant.
+do $$
+declare
+    api_role text;
+begin
+    perform public.listener_restrict_functions_v1('listener\_%');
     foreach api_role in array array['anon', 'authenticated'] loop
         if exists (select 1 from pg_roles where rolname = api_role) then
             execute format('revoke all on public.listener_watched from %I', api_role);

@@ -208,25 +208,4 @@ as $$
 $$;
 
 -- Only the owner and service_role may call these.
-do $$
-declare
-    fn text;
-    api_role text;
-begin
-    foreach fn in array array[
-        'public.listener_batch_member_keys(jsonb)',
-        'public.listener_batch_freeze_v1(text, jsonb, jsonb, text, bigint, text)',
-        'public.listener_batch_v1(text)']
-    loop
-        execute format('revoke all on function %s from public', fn);
-        foreach api_role in array array['anon', 'authenticated'] loop
-            if exists (select 1 from pg_roles where rolname = api_role) then
-                execute format('revoke all on function %s from %I', fn, api_role);
-            end if;
-        end loop;
-        if exists (select 1 from pg_roles where rolname = 'service_role') then
-            execute format('grant execute on function %s to service_role', fn);
-        end if;
-    end loop;
-end
-$$;
+select public.listener_restrict_functions_v1('listener\_batch\_%');

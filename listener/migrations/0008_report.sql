@@ -290,42 +290,26 @@ select case when le.expires_at > now() then le.holder end as lease_holder,
 
 -- Only the owner and service_role: revoke what PostgreSQL (PUBLIC) and
 -- Supabase's default privileges (anon, authenticated) grant on new objects.
+select public.listener_restrict_functions_v1('listener\_report\_%');
+select public.listener_restrict_functions_v1('listener\_note\_reconcile\_%');
 do $$
 declare
-    fn text;
     api_role text;
 begin
     revoke all on public.listener_health, public.listener_report_daily,
         public.listener_report_failures, public.listener_report_unfinished,
         public.listener_report_health from public;
-    foreach fn in array array[
-        'public.listener_note_reconcile_v1(text, timestamptz, bigint)',
-        'public.listener_report_reason_v1(jsonb)',
-        'public.listener_report_v1(timestamptz, timestamptz)']
-    loop
-        execute format('revoke all on function %s from public', fn);
-    end loop;
     foreach api_role in array array['anon', 'authenticated'] loop
         if exists (select 1 from pg_roles where rolname = api_role) then
             execute format('revoke all on public.listener_health, public.listener_report_daily, '
                            'public.listener_report_failures, public.listener_report_unfinished, '
                            'public.listener_report_health from %I', api_role);
-            foreach fn in array array[
-                'public.listener_note_reconcile_v1(text, timestamptz, bigint)',
-                'public.listener_report_reason_v1(jsonb)',
-                'public.listener_report_v1(timestamptz, timestamptz)']
-            loop
-                execute format('revoke all on function %s from %I', fn, api_role);
-            end loop;
         end if;
     end loop;
     if exists (select 1 from pg_roles where rolname = 'service_role') then
         grant select, insert, update on public.listener_health to service_role;
         grant select on public.listener_report_daily, public.listener_report_failures,
             public.listener_report_unfinished, public.listener_report_health to service_role;
-        grant execute on function public.listener_note_reconcile_v1(text, timestamptz, bigint),
-            public.listener_report_reason_v1(jsonb),
-            public.listener_report_v1(timestamptz, timestamptz) to service_role;
     end if;
 end
 $$;

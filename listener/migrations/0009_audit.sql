@@ -322,27 +322,5 @@ begin
 end
 $$;
 
--- Only the owner and service_role may call these: revoke what PostgreSQL
--- (PUBLIC) and Supabase's default privileges (anon, authenticated) grant.
-do $$
-declare
-    fn text;
-    api_role text;
-begin
-    for fn in
-        select p.oid::regprocedure::text
-          from pg_proc p join pg_namespace n on n.oid = p.pronamespace
-         where n.nspname = 'public' and p.proname like 'listener\_audit\_%'
-    loop
-        execute format('revoke all on function %s from public', fn);
-        foreach api_role in array array['anon', 'authenticated'] loop
-            if exists (select 1 from pg_roles where rolname = api_role) then
-                execute format('revoke all on function %s from %I', fn, api_role);
-            end if;
-        end loop;
-        if exists (select 1 from pg_roles where rolname = 'service_role') then
-            execute format('grant execute on function %s to service_role', fn);
-        end if;
-    end loop;
-end
-$$;
+-- Only the owner and service_role may call these.
+select public.listener_restrict_functions_v1('listener\_audit\_%');
