@@ -66,6 +66,8 @@ from typing import Any
 
 from aiohttp import web
 
+from tests.servers.threaded import ThreadedServer
+
 MAX_BATCH = 100
 MAX_RECIPIENTS = 50
 
@@ -125,7 +127,10 @@ def _recipients(email: dict[str, Any]) -> list[Any]:
     return to if isinstance(to, list) else [to]
 
 
-class ResendServer:
+class ResendServer(ThreadedServer):
+    thread_name = "resend-server"
+    app_options = {"client_max_size": 64 * 1024 * 1024}
+
     def __init__(self, api_key: str = "re_test_123456789", *, rate_limit: int | None = 5,
                  rate_window: float = 1.0, daily_quota: int | None = None,
                  strict_names_index: bool = True, host: str = "127.0.0.1",
@@ -136,8 +141,7 @@ class ResendServer:
         self.daily_quota = daily_quota  # None: unlimited
         self.strict_names_index = strict_names_index
         self.latency = 0.0
-        self.host = host
-        self.port = port
+        super().__init__(host, port)
         self._lock = threading.Lock()
         self._requests: list[RecordedRequest] = []
         self._delivered: list[DeliveredEmail] = []
@@ -150,9 +154,6 @@ class ResendServer:
         self._gate: asyncio.Event | None = None  # set while hold() is on
         self._held: list[str | None] = []
         self._stopping = False  # held sends are dropped, not sent, when the server stops
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._runner: web.AppRunner | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -160,44 +161,14 @@ class ResendServer:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def start(self) -> ResendServer:
-        loop = asyncio.new_event_loop()
-        self._loop = loop
-        self._thread = threading.Thread(target=loop.run_forever, name="resend-server", daemon=True)
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._astart(), loop).result(timeout=10)
-        return self
+    def before_stop(self) -> None:
+        self._stopping = True
+        self.release()
 
-    def stop(self) -> None:
-        if self._loop is not None:
-            self._stopping = True
-            self.release()
-        loop, self._loop = self._loop, None
-        if loop is None:
-            return
-        if self._runner is not None:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), loop).result(timeout=15)
-        loop.call_soon_threadsafe(loop.stop)
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-        loop.close()
-
-    def __enter__(self) -> ResendServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    async def _astart(self) -> None:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
+    def routes(self, app: web.Application) -> None:
         app.router.add_post("/emails", self._post_email)
         app.router.add_post("/emails/batch", self._post_batch)
         app.router.add_route("*", "/{tail:.*}", self._not_found)
-        self._runner = web.AppRunner(app, shutdown_timeout=1.0, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
 
     # -- knobs --------------------------------------------------------------------------
 

@@ -38,6 +38,8 @@ from typing import Any
 
 from aiohttp import web
 
+from tests.servers.threaded import ThreadedServer
+
 _SIGNATURE = re.compile(r"^t=(\d+),v1=([0-9a-f]{64})$")
 
 
@@ -63,20 +65,18 @@ class _Fault:
     seconds: float = 0.0
 
 
-class WebhookReceiver:
+class WebhookReceiver(ThreadedServer):
+    thread_name = "webhook-receiver"
+
     def __init__(self, secret: str, *, path: str = "/api/listener/webhook",
                  tolerance_s: float = 300, host: str = "127.0.0.1", port: int = 0) -> None:
         self.secret = secret
         self.path = path
         self.tolerance_s = tolerance_s
-        self.host = host
-        self.port = port
+        super().__init__(host, port)
         self._lock = threading.Lock()
         self._requests: list[ReceivedRequest] = []
         self._faults: list[_Fault] = []
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._runner: web.AppRunner | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -84,40 +84,8 @@ class WebhookReceiver:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}{self.path}"
 
-    def start(self) -> WebhookReceiver:
-        loop = asyncio.new_event_loop()
-        self._loop = loop
-        self._thread = threading.Thread(target=loop.run_forever, name="webhook-receiver",
-                                        daemon=True)
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._astart(), loop).result(timeout=10)
-        return self
-
-    def stop(self) -> None:
-        loop, self._loop = self._loop, None
-        if loop is None:
-            return
-        if self._runner is not None:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), loop).result(timeout=15)
-        loop.call_soon_threadsafe(loop.stop)
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-        loop.close()
-
-    def __enter__(self) -> WebhookReceiver:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    async def _astart(self) -> None:
-        app = web.Application()
+    def routes(self, app: web.Application) -> None:
         app.router.add_post(self.path, self._receive)
-        self._runner = web.AppRunner(app, shutdown_timeout=1.0, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
 
     # -- knobs --------------------------------------------------------------------------
 
