@@ -65,7 +65,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -73,13 +72,13 @@ from typing import Any
 
 import structlog
 from aiolimiter import AsyncLimiter
-from tenacity import (AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt)
 
 from listener.effects import Delivery, EmailError, EmailSender, OutgoingEmail
 from listener.email_batch import (ErrorKind, Freeze, FreezeRefused, FrozenBatch, Member,
                                   Payload, ProviderError, batch_key, canonical_payload, ref_of)
 from listener.instants import format_instant
 from listener.metrics import EMAIL_ATTEMPTS, EMAIL_FAILURES
+from listener.retry import retrying, wait_equal_jitter
 
 __all__ = ["BATCH_WINDOW", "MAX_BATCH", "Freeze", "FreezeRefused", "FrozenBatch", "Mailer",
            "Member", "member_of"]
@@ -243,6 +242,7 @@ class Mailer:
         self.max_attempts = max_attempts
         self.base_delay = base_delay
         self.max_delay = max_delay
+        self._waits = wait_equal_jitter(base_delay, max_delay)
         # A retry-after longer than this (a quota, not a rate) is not waited for.
         self.max_retry_after = max_retry_after
         self.freeze = freeze
@@ -322,16 +322,12 @@ class Mailer:
             finally:
                 slot.release()
 
-        retrying = AsyncRetrying(
-            sleep=self._sleep,
-            stop=stop_after_attempt(self.max_attempts) | self._retry_after_too_long,
-            wait=self._wait,
-            retry=retry_if_exception(_is_transient),
-            before_sleep=lambda rs: self._log_retry(rs, ctx),
-            reraise=True,
-        )
         try:
-            provider_id = await retrying(attempt)
+            provider_id = await retrying(
+                attempt, attempts=self.max_attempts, retry_on=_is_transient,
+                initial=self.base_delay, maximum=self.max_delay,
+                max_retry_after=self.max_retry_after, event="email_retry", context=ctx,
+                sleep=self._sleep)
         except EmailError as exc:
             EMAIL_FAILURES.inc()
             log.warning("email_failed", **ctx, attempts=attempts, error=str(exc),
@@ -558,9 +554,7 @@ class Mailer:
                 return [f"{last} (retry-after {last.retry_after:g}s is too long)"] * len(payload)
             if attempts >= self.max_attempts:
                 break
-            wait = self._backoff(attempts)
-            if last.retry_after:
-                wait = max(wait, last.retry_after)
+            wait = self._waits.delay(attempts, last)
             if kind is ErrorKind.IN_FLIGHT:
                 # The first request with this key is still being processed (a
                 # request of a previous instance, or one we gave up waiting for):
@@ -650,30 +644,3 @@ class Mailer:
             log.warning("email_rate_lowered", rate_per_second=self._gate.rate,
                         configured=self.rate_per_second,
                         why="the provider's ratelimit-limit is lower than RESEND_RATE_LIMIT")
-
-    # -- retry policy (single path) -----------------------------------------------------
-
-    def _backoff(self, attempt_number: int) -> float:
-        """Exponential backoff with "equal jitter": half fixed, half random."""
-        ceiling = min(self.max_delay, self.base_delay * (2 ** (attempt_number - 1)))
-        return ceiling / 2 + random.uniform(0, ceiling / 2)
-
-    def _wait(self, rs: RetryCallState) -> float:
-        exc = rs.outcome.exception() if rs.outcome else None
-        delay = self._backoff(rs.attempt_number)
-        if isinstance(exc, EmailError) and exc.retry_after:
-            delay = max(delay, exc.retry_after)
-        return delay
-
-    def _retry_after_too_long(self, rs: RetryCallState) -> bool:
-        exc = rs.outcome.exception() if rs.outcome else None
-        return bool(isinstance(exc, EmailError) and exc.retry_after
-                    and exc.retry_after > self.max_retry_after)
-
-    def _log_retry(self, rs: RetryCallState, ctx: dict[str, str]) -> None:
-        exc = rs.outcome.exception() if rs.outcome else None
-        wait = rs.next_action.sleep if rs.next_action else None
-        log.info("email_retry", **ctx, attempt=rs.attempt_number, max_attempts=self.max_attempts,
-                 wait_s=round(wait, 3) if wait is not None else None,
-                 error=str(exc), status=getattr(exc, "status", None),
-                 retry_after=getattr(exc, "retry_after", None))

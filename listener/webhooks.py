@@ -59,7 +59,6 @@ import email.utils
 import enum
 import hashlib
 import hmac
-import random
 import string
 import time
 import urllib.parse
@@ -72,11 +71,11 @@ import orjson
 import structlog
 from prometheus_client import Counter
 from pydantic import SecretStr
-from tenacity import AsyncRetrying, RetryCallState, retry_if_result, stop_after_attempt
 
 from listener import logs
 from listener.instants import Instant, format_instant
 from listener.metrics import REGISTRY
+from listener.retry import retrying
 from listener.rules.model import Table
 from listener.store import ActionKey
 
@@ -274,6 +273,15 @@ class _Attempt:
     retry_after: float | None = None
 
 
+class _WorthRetrying(Exception):
+    """A transient answer, raised so the shared retry policy retries it."""
+
+    def __init__(self, attempt: _Attempt) -> None:
+        super().__init__(attempt.reason or "transient")
+        self.attempt = attempt
+        self.retry_after = attempt.retry_after  # the policy waits at least this
+
+
 def _is_transient_status(status: int) -> bool:
     return status in (408, 429) or status >= 500
 
@@ -348,17 +356,20 @@ class WebhookSender:
             nonlocal attempts
             attempts += 1
             WEBHOOK_ATTEMPTS.inc()
-            return await self._post(event.id, body)
+            answer = await self._post(event.id, body)
+            if answer.transient:
+                raise _WorthRetrying(answer)
+            return answer
 
-        retrying = AsyncRetrying(
-            sleep=self._sleep,
-            stop=stop_after_attempt(self.max_attempts) | self._retry_after_too_long,
-            wait=self._wait,
-            retry=retry_if_result(lambda a: a.transient),
-            before_sleep=lambda rs: self._log_retry(rs, ctx),
-            retry_error_callback=lambda rs: rs.outcome.result(),  # the last attempt
-        )
-        last: _Attempt = await retrying(attempt)
+        try:
+            last = await retrying(
+                attempt, attempts=self.max_attempts,
+                retry_on=lambda exc: isinstance(exc, _WorthRetrying),
+                initial=self.base_delay, maximum=self.max_delay,
+                max_retry_after=self.max_retry_after, event="webhook_retry", context=ctx,
+                sleep=self._sleep)
+        except _WorthRetrying as exc:
+            last = exc.attempt  # the last attempt, once the policy gave up
         if last.delivered:
             if attempts > 1:
                 log.info("webhook_sent_after_retry", **ctx, attempts=attempts,
@@ -424,29 +435,3 @@ class WebhookSender:
         if 300 <= status < 400:
             reason += " (redirects are not followed: set WEBHOOK_URL to the final URL)"
         return _Attempt(False, _is_transient_status(status), status, reason, retry_after)
-
-    def _backoff(self, attempt_number: int) -> float:
-        """Exponential backoff with "equal jitter": half fixed, half random."""
-        ceiling = min(self.max_delay, self.base_delay * (2 ** (attempt_number - 1)))
-        return ceiling / 2 + random.uniform(0, ceiling / 2)
-
-    def _wait(self, rs: RetryCallState) -> float:
-        delay = self._backoff(rs.attempt_number)
-        last = rs.outcome.result() if rs.outcome and not rs.outcome.failed else None
-        if last is not None and last.retry_after is not None:
-            delay = max(delay, last.retry_after)
-        return delay
-
-    def _retry_after_too_long(self, rs: RetryCallState) -> bool:
-        last = rs.outcome.result() if rs.outcome and not rs.outcome.failed else None
-        return bool(last is not None and last.retry_after is not None
-                    and last.retry_after > self.max_retry_after)
-
-    def _log_retry(self, rs: RetryCallState, ctx: dict[str, str]) -> None:
-        last = rs.outcome.result() if rs.outcome and not rs.outcome.failed else None
-        wait = rs.next_action.sleep if rs.next_action else None
-        log.info("webhook_retry", **ctx, attempt=rs.attempt_number,
-                 max_attempts=self.max_attempts,
-                 wait_s=round(wait, 3) if wait is not None else None,
-                 status_code=getattr(last, "status_code", None),
-                 reason=getattr(last, "reason", None))

@@ -20,7 +20,6 @@ import asyncio
 import collections
 import contextlib
 import json
-import random
 import ssl
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
@@ -30,6 +29,7 @@ import structlog
 
 from listener.effects import ActionEvent
 from listener.metrics import MQTT_BUFFER, MQTT_DROPPED
+from listener.retry import Backoff
 
 log = structlog.get_logger("listener.mqtt")
 
@@ -194,7 +194,7 @@ class MqttPublisher:
 
     async def _run(self) -> None:
         assert self._closing is not None
-        delay = self.reconnect_min
+        backoff = Backoff(self.reconnect_min, self.reconnect_max)
         attempt = 0
         while True:
             attempt += 1
@@ -206,7 +206,7 @@ class MqttPublisher:
                              prefix=self.prefix, identifier=self.identifier, attempt=attempt,
                              buffered=len(self._buffer))
                     attempt = 0
-                    delay = self.reconnect_min
+                    backoff.reset()
                     await self._session(client)
                     self._connected = False
                 log.info("mqtt_disconnected", reason="closed", buffered=len(self._buffer))
@@ -230,10 +230,9 @@ class MqttPublisher:
             if self._closing.is_set():
                 log.info("mqtt_gave_up_on_close", buffered=len(self._buffer))
                 return
-            wait = delay / 2 + random.uniform(0, delay / 2)
+            # Waited on the closing event, so a shutdown does not sit out a backoff.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._closing.wait(), timeout=wait)
-            delay = min(self.reconnect_max, delay * 2)
+                await asyncio.wait_for(self._closing.wait(), timeout=backoff.next_delay())
 
     async def _session(self, client: aiomqtt.Client) -> None:
         """One connection: announce online, drain the buffer until closing."""

@@ -15,16 +15,13 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar
 
 import httpx
 import orjson
 import structlog
 from postgrest.exceptions import APIError
-from tenacity import (
-    AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt,
-    stop_after_delay, wait_exponential_jitter)
 
 from listener import metrics
 from listener.errors import Refusal, StoreError, StoreRefused, StoreUnavailable
@@ -32,11 +29,14 @@ from listener.adapters.calls import (
     COMPLETE, FIRE, PAGE, BadAnswer, Call, CallingStore, fired_from_json)
 from listener.changes import CHANGE_TYPES, BadChange, Change, key_of
 from listener.instants import BadInstant, Instant, parse_instant
+from listener.retry import retrying
 from listener.source import Backoff, ChangeSink
 from listener.rules.model import Recipient
 from listener.rules.query import TableQuery
 from listener.store import (
     CLAIMED, CONFLICT, DONE, FENCED, STALE, ActionKey, Fence, FireRequest, Fired)
+
+T = TypeVar("T")
 
 log = structlog.get_logger("listener.supabase")
 
@@ -227,29 +227,26 @@ class RpcStore(CallingStore):
             raise RpcCallError(fn, f"public.{fn}: {exc.code} {exc.message}", code=exc.code) from None
         return response.data
 
-    def _wait(self) -> Any:
-        return wait_exponential_jitter(initial=self.retry_initial_s, max=self.retry_max_s,
-                                       jitter=self.retry_initial_s)
-
-    def _log_retry(self, state: RetryCallState) -> None:
-        exc = state.outcome.exception() if state.outcome else None
-        log.warning("rpc_retry", attempt=state.attempt_number, error=str(exc)[:300],
-                    function=getattr(exc, "function", None))
+    async def _with_retries(self, fn: str, once: Callable[[], Awaitable[T]]) -> T:
+        """`once()` again while the service is unreachable, within the budget."""
+        return await retrying(once, attempts=self.max_attempts, give_up_after=self.max_retry_s,
+                              retry_on=lambda exc: isinstance(exc, RpcUnavailable),
+                              initial=self.retry_initial_s, maximum=self.retry_max_s,
+                              event="rpc_retry", context={"function": fn})
 
     async def _retried(self, fn: str, params: dict[str, Any]) -> tuple[Any, bool]:
         """Call with retries; also say whether an attempt failed with an unknown outcome."""
         uncertain = False
-        async for attempt in AsyncRetrying(
-                stop=stop_after_attempt(self.max_attempts) | stop_after_delay(self.max_retry_s),
-                wait=self._wait(), retry=retry_if_exception_type(RpcUnavailable),
-                before_sleep=self._log_retry, reraise=True):
-            with attempt:
-                try:
-                    return await self._once(fn, params), uncertain
-                except RpcUnavailable:
-                    uncertain = True
-                    raise
-        raise AssertionError("unreachable")  # pragma: no cover
+
+        async def once() -> Any:
+            nonlocal uncertain
+            try:
+                return await self._once(fn, params)
+            except RpcUnavailable:
+                uncertain = True
+                raise
+
+        return await self._with_retries(fn, once), uncertain
 
     async def invoke(self, call: Call, args: dict[str, Any]) -> Any:
         return (await self._retried(call.function, call.json_args(args)))[0]
@@ -289,25 +286,21 @@ class RpcStore(CallingStore):
         fn = FIRE.function
         params = FIRE.json_args(self.fire_args(request, fence))
         uncertain = False
-        last: RpcUnavailable | None = None
-        wait = self._wait()
-        started = time.monotonic()
-        for attempt in range(1, self.max_attempts + 1):
+        attempts = 0
+
+        async def once() -> Fired:
+            nonlocal uncertain, attempts
+            attempts += 1
             try:
                 answer = fired_from_json(await self._once(fn, params))
             except RpcUnavailable as exc:
-                last, uncertain = exc, True
+                uncertain = True
                 log.warning("rpc_fire_unknown", rule=request.key.rule, table=request.key.table,
-                            row_id=request.key.row_key, attempt=attempt, error=str(exc)[:300])
+                            row_id=request.key.row_key, attempt=attempts, error=str(exc)[:300])
                 settled = await self._settle(request, fence)
                 if settled is not None:
                     return settled
-                if attempt == self.max_attempts or time.monotonic() - started > self.max_retry_s:
-                    break
-                state = RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
-                state.attempt_number = attempt
-                await asyncio.sleep(wait(state))
-                continue
+                raise
             except (KeyError, TypeError, ValueError, AttributeError) as exc:
                 raise RpcCallError(fn, f"public.{fn}: unexpected answer ({exc!r})") from None
             if uncertain and answer.outcome in (STALE, CONFLICT, DONE):
@@ -316,8 +309,8 @@ class RpcStore(CallingStore):
                 if settled is not None:
                     return settled
             return answer
-        assert last is not None
-        raise last
+
+        return await self._with_retries(fn, once)
 
     async def _probe(self, key: ActionKey, fence: Fence, at: Instant) -> Fired:
         """A bare fire (no row check, no status, no finish): claims the episode,
