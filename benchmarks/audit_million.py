@@ -81,12 +81,13 @@ class TimedSource:
         self.inner = inner
         self.spent: dict[str, float] = {}
 
-    def call(self, function, params, *, scalar=False):
+    def call(self, call, args):
         started = time.perf_counter()
         try:
-            return self.inner.call(function, params, scalar=scalar)
+            return self.inner.call(call, args)
         finally:
-            self.spent[function] = self.spent.get(function, 0.0) + time.perf_counter() - started
+            self.spent[call.function] = (self.spent.get(call.function, 0.0)
+                                         + time.perf_counter() - started)
 
     def close(self) -> None:
         self.inner.close()

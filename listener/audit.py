@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from listener.adapters.audit_source import AuditSource, AuditTimeout
+from listener.adapters.calls import (AUDIT_CRON, AUDIT_DEADLINE_COLUMNS, AUDIT_LEDGER, AUDIT_OVERDUE,
+                                     AUDIT_VALUES, Call)
 from listener.rules.model import RuleSet
 from listener.rules.query import table_queries
 from listener.tables import format_table
@@ -242,11 +244,10 @@ class Auditor:
         self.findings: list[Finding] = []
         self.timed_out: set[tuple[str, str]] = set()
 
-    def _call(self, what: str, table: str | None, function: str, params: Mapping[str, Any],
-              *, scalar: bool = False) -> Any:
+    def _call(self, what: str, table: str | None, call: Call, args: Mapping[str, Any]) -> Any:
         """One call; a statement timeout becomes an info finding naming the table."""
         try:
-            return self.source.call(function, params, scalar=scalar)
+            return self.source.call(call, args)
         except AuditTimeout:
             if (what, table or "") not in self.timed_out:
                 self.timed_out.add((what, table or ""))
@@ -267,7 +268,7 @@ class Auditor:
         for name, query in self.queries.items():
             if not query.conditions:
                 continue
-            rows = self._call("counting overdue rows", name, "listener_audit_overdue_v1",
+            rows = self._call("counting overdue rows", name, AUDIT_OVERDUE,
                               {"p_query": query.as_json(), "p_grace": self.grace,
                                "p_sample": self.sample})
             for row in rows or []:
@@ -319,11 +320,11 @@ class Auditor:
             if name in read:
                 read[name] += [table.key, table.status]
         candidates = self._call("listing deadline columns", None,
-                                "listener_audit_deadline_columns_v1",
+                                AUDIT_DEADLINE_COLUMNS,
                                 {"p_read": read, "p_count": False})
         for table in dict.fromkeys(c["table_name"] for c in candidates or []):
             rows = self._call("counting rows past deadline columns", table,
-                              "listener_audit_deadline_columns_v1",
+                              AUDIT_DEADLINE_COLUMNS,
                               {"p_read": read, "p_table": table, "p_count": True})
             for row in rows or []:
                 column, past = row["column_name"], row.get("past") or 0
@@ -379,8 +380,7 @@ class Auditor:
                     advice, rule=", ".join(doubled), job=clock.job))
 
     def cron(self) -> tuple[dict[str, Any], list[Clock]]:
-        answer = self._call("reading pg_cron jobs", None, "listener_audit_cron_v1", {},
-                            scalar=True) or {}
+        answer = self._call("reading pg_cron jobs", None, AUDIT_CRON, {}) or {}
         if answer.get("installed") and not answer.get("readable"):
             self.findings.append(Finding(
                 Kind.CRON_UNREADABLE, Severity.INFO,
@@ -392,8 +392,7 @@ class Auditor:
         return answer, pg_cron_clocks(answer)
 
     def ledger(self) -> dict[str, Any]:
-        answer = self._call("reading the ledger", "listener_ledger", "listener_audit_ledger_v1",
-                            {}, scalar=True) or {}
+        answer = self._call("reading the ledger", "listener_ledger", AUDIT_LEDGER, {}) or {}
         stuck = answer.get("stuck_count") or 0
         if stuck:
             claims = answer.get("stuck") or []
@@ -424,7 +423,7 @@ class Auditor:
             if table is None or not query.conditions:
                 continue
             if table.known_statuses:
-                rows = self._call("counting unknown statuses", name, "listener_audit_values_v1",
+                rows = self._call("counting unknown statuses", name, AUDIT_VALUES,
                                   {"p_table": name, "p_column": table.status,
                                    "p_known": sorted(table.known_statuses)})
                 for row in rows or []:
@@ -446,7 +445,7 @@ class Auditor:
                 for lookup in derived.lookups:
                     known = sorted(self.ruleset.maps.get(lookup.map, {}))
                     rows = self._call("counting unknown plan values", name,
-                                      "listener_audit_values_v1",
+                                      AUDIT_VALUES,
                                       {"p_table": name, "p_column": lookup.column,
                                        "p_known": known, "p_status_column": table.status,
                                        "p_statuses": statuses})

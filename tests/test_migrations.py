@@ -10,6 +10,7 @@ import psycopg
 import pytest
 
 from listener import migrate
+from listener.adapters.calls import CALLS, Shape
 from listener.rules.query import TableQuery
 from tests.conftest import scratch_database
 from tests.servers.postgrest_server import setup_supabase_roles
@@ -216,3 +217,28 @@ def test_the_api_roles_cannot_execute_any_listener_function(empty: str) -> None:
     for table in ("listener_ledger", "listener_lease", "listener_watched"):
         assert run(empty, "select has_table_privilege('anon', %s, 'select')",
                    (f"public.{table}",)) == [(False,)]
+
+
+def test_every_call_in_the_table_matches_its_function(empty: str) -> None:
+    """The table of calls is the contract both backends send: each function it
+    names exists once, with exactly its parameters (names, types, in order),
+    returning a set of rows where the call says so, and a default for every
+    parameter a call may leave out."""
+    migrate.apply(empty, include_reference=True)
+    rows = run(empty, """
+        select p.proname, p.proargnames, p.pronargs, p.pronargdefaults, p.proretset,
+               array(select format_type(t, null) from unnest(p.proargtypes) t)
+          from pg_proc p where p.pronamespace = 'public'::regnamespace
+           and p.proname = any(%s)""", ([call.function for call in CALLS],))
+    found = {name: rest for name, *rest in rows}
+    assert len(rows) == len(found), "a function of the table is overloaded"
+    declared = sorted({kind.value for call in CALLS for _, kind in call.params})
+    canonical = dict(run(empty, "select t, format_type(t::regtype, null) from unnest(%s::text[]) t",
+                         (declared,)))
+    for call in CALLS:
+        assert call.function in found, f"{call.function} is not migrated"
+        names, count, defaults, returns_set, types = found[call.function]
+        assert list((names or [])[:count]) == list(call.names), call.function
+        assert types == [canonical[kind.value] for _, kind in call.params], call.function
+        assert returns_set == (call.shape is Shape.ROWS), call.function
+        assert set(call.optional) <= set(call.names[count - defaults:]), call.function

@@ -10,12 +10,12 @@ their own `statement_timeout` setting bounds them there.
 from __future__ import annotations
 
 import json
-from datetime import timedelta
 from typing import Any, Mapping, Protocol
 
+from listener.adapters.calls import AUDIT_OVERDUE, Call, Shape
+
 # The function whose presence says the audit's migration is applied.
-PROBE_FUNCTION = "listener_audit_overdue_v1"
-PROBE_SIGNATURE = "public.listener_audit_overdue_v1(jsonb,interval,integer)"
+PROBE_SIGNATURE = f"public.{AUDIT_OVERDUE.function}(jsonb,interval,integer)"
 QUERY_CANCELED = "57014"  # statement timeout (or a cancel)
 
 
@@ -28,8 +28,8 @@ class AuditTimeout(Exception):
 
 
 class AuditSource(Protocol):
-    def call(self, function: str, params: Mapping[str, Any], *, scalar: bool = False) -> Any:
-        """Rows as dicts (set-returning functions) or the value (scalar ones).
+    def call(self, call: Call, args: Mapping[str, Any]) -> Any:
+        """Rows as dicts (a set-returning function) or the value (the others).
         Raises AuditTimeout on a statement timeout."""
 
     def close(self) -> None: ...
@@ -59,29 +59,13 @@ class SqlAuditSource:
             self.close()
             raise _not_migrated()
 
-    @staticmethod
-    def _adapt(value: Any) -> Any:
-        from psycopg.types.json import Jsonb
-
-        if isinstance(value, dict):
-            return Jsonb(value)
-        return value
-
-    def call(self, function: str, params: Mapping[str, Any], *, scalar: bool = False) -> Any:
+    def call(self, call: Call, args: Mapping[str, Any]) -> Any:
         import psycopg
-        from psycopg import sql
 
-        args = sql.SQL(", ").join(
-            sql.SQL("{} => {}").format(sql.Identifier(name), sql.Placeholder())
-            for name in params)
-        target = sql.SQL("{}.{}({})").format(sql.Identifier("public"),
-                                              sql.Identifier(function), args)
-        query = (sql.SQL("select {} as value").format(target) if scalar
-                 else sql.SQL("select * from {}").format(target))
-        values = [self._adapt(v) for v in params.values()]
+        function = call.function
         try:
             self.conn.execute("savepoint audit_call")
-            cursor = self.conn.execute(query, values)
+            cursor = self.conn.execute(call.sql(args), call.sql_args(args))
             rows = cursor.fetchall()
             self.conn.execute("release savepoint audit_call")
         except psycopg.errors.QueryCanceled as exc:
@@ -90,7 +74,9 @@ class SqlAuditSource:
         except psycopg.Error as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise AuditUnavailable(f"public.{function}: {first}") from None
-        return rows[0]["value"] if scalar else rows
+        if call.shape is Shape.ROWS:
+            return rows
+        return next(iter(rows[0].values())) if rows else None
 
     def close(self) -> None:
         if not self.conn.closed:
@@ -112,22 +98,17 @@ class RpcAuditSource:
                      "Content-Type": "application/json", "Accept": "application/json"},
             timeout=timeout_s)
         try:
-            self.call(PROBE_FUNCTION, {"p_query": {"table": "-", "conditions": []},
-                                       "p_grace": "0 seconds", "p_sample": 0})
+            self.call(AUDIT_OVERDUE, {"p_query": {"table": "-", "conditions": []},
+                                      "p_grace": "0 seconds", "p_sample": 0})
         except AuditUnavailable:
             self.close()
             raise
 
-    @staticmethod
-    def _adapt(value: Any) -> Any:
-        if isinstance(value, timedelta):
-            return f"{value.total_seconds()} seconds"
-        return value
-
-    def call(self, function: str, params: Mapping[str, Any], *, scalar: bool = False) -> Any:
+    def call(self, call: Call, args: Mapping[str, Any]) -> Any:
         import httpx
 
-        body = {name: self._adapt(value) for name, value in params.items()}
+        function = call.function
+        body = call.json_args(args)
         try:
             response = self.http.post(function, content=json.dumps(body, default=str))
         except httpx.HTTPError as exc:
@@ -147,7 +128,7 @@ class RpcAuditSource:
                 f"public.{function}: HTTP {response.status_code} {code or ''} "
                 f"{message or response.text[:200]}".replace("  ", " "))
         if response.status_code == 204 or not response.content:
-            return None if scalar else []
+            return [] if call.shape is Shape.ROWS else None
         return response.json()
 
     def close(self) -> None:

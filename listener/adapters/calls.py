@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import enum
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Mapping
+from datetime import timedelta
+from typing import Any, AsyncIterator, Iterable, Mapping
 
 import orjson
 
@@ -36,6 +37,7 @@ class SqlType(str, enum.Enum):
     BIGINT = "bigint"
     INTEGER = "integer"
     INTERVAL = "interval"
+    BOOLEAN = "boolean"
 
 
 class Shape(str, enum.Enum):
@@ -44,6 +46,7 @@ class Shape(str, enum.Enum):
     VALUE = "value"  # a scalar: boolean, number, text, or null
     OBJECT = "object"  # a JSON object, or null
     ARRAY = "array"  # a JSON array
+    ROWS = "rows"  # a set of rows (`returns table`), read as a list of dicts
 
 
 @dataclass(frozen=True)
@@ -51,31 +54,40 @@ class Call:
     function: str
     params: tuple[tuple[str, SqlType], ...]
     shape: Shape
+    # Parameters the SQL function gives a default: a call may leave them out.
+    optional: frozenset[str] = frozenset()
 
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(name for name, _ in self.params)
 
-    def sql(self) -> str:
-        """`select public.fn(p_a => %(p_a)s::type, ...)`: named, so a default or a
-        reordered parameter can never shift an argument."""
-        args = ", ".join(f"{name} => %({name})s::{kind.value}" for name, kind in self.params)
+    def sql(self, given: Iterable[str] | None = None) -> str:
+        """`select public.fn(p_a => %(p_a)s::type, ...)` (`select * from` for a set
+        of rows): named, so a default or a reordered parameter can never shift an
+        argument. `given`: the arguments passed, when some optional ones are not."""
+        passed = set(self.names if given is None else given)
+        args = ", ".join(f"{name} => %({name})s::{kind.value}"
+                         for name, kind in self.params if name in passed)
+        if self.shape is Shape.ROWS:
+            return f"select * from public.{self.function}({args})"
         return f"select public.{self.function}({args})"
 
     def sql_args(self, args: Mapping[str, Any]) -> dict[str, Any]:
         """The arguments as psycopg parameters (JSON as text, cast in the SQL)."""
         self._check(args)
-        return {name: _sql_value(kind, args[name]) for name, kind in self.params}
+        return {name: _sql_value(kind, args[name]) for name, kind in self.params if name in args}
 
     def json_args(self, args: Mapping[str, Any]) -> dict[str, Any]:
         """The arguments as a PostgREST RPC body."""
         self._check(args)
-        return {name: _json_value(kind, args[name]) for name, kind in self.params}
+        return {name: _json_value(kind, args[name]) for name, kind in self.params
+                if name in args}
 
     def _check(self, args: Mapping[str, Any]) -> None:
-        if set(args) != set(self.names):
+        required = set(self.names) - self.optional
+        if not required <= set(args) <= set(self.names):
             raise TypeError(f"{self.function}: arguments {sorted(args)} are not "
-                            f"{sorted(self.names)}")
+                            f"{sorted(required)} with some of {sorted(self.optional)}")
 
 
 def _sql_value(kind: SqlType, value: Any) -> Any:
@@ -93,6 +105,8 @@ def _sql_value(kind: SqlType, value: Any) -> Any:
 def _json_value(kind: SqlType, value: Any) -> Any:
     if value is None:
         return None
+    if kind is SqlType.INTERVAL and isinstance(value, timedelta):
+        return f"{value.total_seconds()} seconds"  # PostgreSQL reads this as an interval
     if kind is SqlType.TIMESTAMPTZ and isinstance(value, int):
         return format_instant(value)
     if kind is SqlType.TEXT_ARRAY:
@@ -100,8 +114,9 @@ def _json_value(kind: SqlType, value: Any) -> Any:
     return value
 
 
-T, TA, J, TS, BI, I, IV = (SqlType.TEXT, SqlType.TEXT_ARRAY, SqlType.JSONB, SqlType.TIMESTAMPTZ,
-                           SqlType.BIGINT, SqlType.INTEGER, SqlType.INTERVAL)
+T, TA, J, TS, BI, I, IV, B = (SqlType.TEXT, SqlType.TEXT_ARRAY, SqlType.JSONB,
+                              SqlType.TIMESTAMPTZ, SqlType.BIGINT, SqlType.INTEGER,
+                              SqlType.INTERVAL, SqlType.BOOLEAN)
 
 TRACKED_ROWS = Call("listener_tracked_rows_v2",
                     (("p_query", J), ("p_after", T), ("p_limit", I)), Shape.ARRAY)
@@ -132,9 +147,30 @@ BATCH_FREEZE = Call("listener_batch_freeze_v1", (
 NOTE_RECONCILE = Call("listener_note_reconcile_v1",
                       (("p_holder", T), ("p_at", TS), ("p_drift", BI)), Shape.VALUE)
 
+
+# `listener report`: every figure the ledger gives, as one JSON object.
+REPORT = Call("listener_report_v1", (("p_since", TS), ("p_until", TS)), Shape.OBJECT)
+
+# `listener audit`: read-only questions (STABLE functions).
+AUDIT_OVERDUE = Call("listener_audit_overdue_v1",
+                     (("p_query", J), ("p_grace", IV), ("p_sample", I)), Shape.ROWS,
+                     frozenset({"p_sample"}))
+AUDIT_DEADLINE_COLUMNS = Call("listener_audit_deadline_columns_v1", (
+    ("p_read", J), ("p_table", T), ("p_count", B), ("p_cap", I)), Shape.ROWS,
+    frozenset({"p_table", "p_count", "p_cap"}))
+AUDIT_CRON = Call("listener_audit_cron_v1", (), Shape.OBJECT)
+AUDIT_LEDGER = Call("listener_audit_ledger_v1", (
+    ("p_stuck_after", IV), ("p_window", IV), ("p_sample", I)), Shape.OBJECT,
+    frozenset({"p_stuck_after", "p_window", "p_sample"}))
+AUDIT_VALUES = Call("listener_audit_values_v1", (
+    ("p_table", T), ("p_column", T), ("p_known", TA), ("p_status_column", T),
+    ("p_statuses", TA), ("p_limit", I)), Shape.ROWS,
+    frozenset({"p_status_column", "p_statuses", "p_limit"}))
+
 CALLS: tuple[Call, ...] = (TRACKED_ROWS, READ_ROW, CHANGED_ROWS, FIRE, COMPLETE,
                            UNFINISHED_CLAIMS, CONTACTS, DESCRIBE, LEASE_ACQUIRE, LEASE_RENEW,
-                           LEASE_RELEASE, BATCH_FREEZE, NOTE_RECONCILE)
+                           LEASE_RELEASE, BATCH_FREEZE, NOTE_RECONCILE, REPORT, AUDIT_OVERDUE,
+                           AUDIT_DEADLINE_COLUMNS, AUDIT_CRON, AUDIT_LEDGER, AUDIT_VALUES)
 
 
 class BadAnswer(ValueError):

@@ -12,14 +12,9 @@ from __future__ import annotations
 import enum
 from typing import Any, Iterable, Mapping
 
-from listener.adapters.calls import Call, Shape, SqlType
+from listener.adapters.calls import REPORT
 from listener.instants import Instant, format_instant
 from listener.rules.model import Outcome
-
-# The one call, described like every other SQL function the listener calls, so
-# psycopg and PostgREST send the same named arguments.
-REPORT = Call("listener_report_v1", (("p_since", SqlType.TIMESTAMPTZ),
-                                     ("p_until", SqlType.TIMESTAMPTZ)), Shape.OBJECT)
 
 # In the order every format shows them.
 OUTCOMES: tuple[Outcome, ...] = (Outcome.FIRED, Outcome.SKIPPED, Outcome.LATE, Outcome.FAILED)
