@@ -247,6 +247,8 @@ async def test_event_and_filter_bindings(server: RealtimeServer, db: Any) -> Non
     client = make_client(server)
     try:
         sid = await new_session(db)
+        # Its insert is behind us: the server has read it before anyone subscribes.
+        await server.wait_for(lambda: server.changes_seen >= 1)
         channel = client.channel("filtered")
         inserts, only_this = Recorder(), Recorder()
         channel.on_postgres_changes("INSERT", inserts.on_change, table="sessions")
