@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+from collections import Counter
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
@@ -20,6 +21,7 @@ from listener import daemon as daemon_module
 from listener import metrics
 from listener.adapters.email_outbox import OutboxSender
 from listener.adapters.store_memory import MemoryStore
+from listener.effects import OutgoingEmail
 from listener.errors import StoreUnavailable
 from listener.executor import ActionResult
 from listener.instants import MINUTE, SECOND, format_instant
@@ -33,6 +35,7 @@ pytestmark = pytest.mark.fast
 # 5 min -> 50 ms (the support alert), 15 min -> 150 ms (the expiry).
 SCALE = {"RULES_TIME_SCALE": "6000"}
 CUSTOMER = "22222222-2222-4222-8222-222222222222"
+OTHER_CUSTOMER = "33333333-3333-4333-8333-333333333333"
 WAIT = 3.0  # seconds any one expected event may take: generous, never the point
 
 
@@ -42,6 +45,26 @@ def sid(n: int) -> str:
 
 def counter(name: str, **labels: str) -> float:
     return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+class CountingOutbox(OutboxSender):
+    """The outbox, counting each send by idempotency key (a file per key would
+    hide a second send of the same email)."""
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__(folder)
+        self.sent: Counter[str] = Counter()
+
+    async def send(self, email: OutgoingEmail) -> str:
+        self.sent[email.idempotency_key] += 1
+        return await super().send(email)
+
+
+@pytest.fixture(autouse=True)
+def no_incremental_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Changes reach the daemon through the source or a sweep, never by the
+    every-2-seconds incremental read: what a test sees is what it caused."""
+    monkeypatch.setattr(daemon_module, "CATCH_UP_S", 3600.0)
 
 
 class Results:
@@ -74,8 +97,10 @@ class Results:
 class Running:
     """A daemon running on the memory backend, and what the tests reach into."""
 
-    def __init__(self, listener: Any, backend: Any, results: Results) -> None:
+    def __init__(self, listener: Any, backend: Any, results: Results,
+                 outbox: CountingOutbox) -> None:
         self.daemon = listener.daemon
+        self.outbox = outbox
         self.store: MemoryStore = backend.store
         self.source = backend.source
         self.results = results
@@ -97,8 +122,9 @@ class Running:
 
 @contextlib.asynccontextmanager
 async def running(tmp_path: Path, *, store: MemoryStore | None = None, lease_ttl_s: float = 3.0,
-                  reconcile_s: float = 60.0, holder: str = "fast") -> AsyncIterator[Running]:
-    ruleset = load_rules(SCALE)
+                  reconcile_s: float = 60.0, holder: str = "fast",
+                  env: dict[str, str] | None = None) -> AsyncIterator[Running]:
+    ruleset = load_rules({**SCALE, **(env or {})})
     settings = Settings(next_public_app_url="https://app.example",
                         email_from="Listener <l@example.com>",
                         support_email="support@example.com",
@@ -109,37 +135,43 @@ async def running(tmp_path: Path, *, store: MemoryStore | None = None, lease_ttl
     backend.store.write("auth.users", {"id": CUSTOMER, "email": "carla@example.com"}, 0)
     backend.store.write("profiles", {"id": CUSTOMER, "full_name": "Carla Customer"}, 0)
     results = Results()
+    outbox = CountingOutbox(tmp_path)
     stop = asyncio.Event()
-    async with assemble(settings, ruleset, backend=backend, sender=OutboxSender(tmp_path),
+    async with assemble(settings, ruleset, backend=backend, sender=outbox,
                         holder=holder, email_rate=1000, shutdown_grace_s=1.0,
                         mailer_options={"base_delay": 0.01, "max_delay": 0.05},
                         on_result=results) as listener:
         task = asyncio.create_task(listener.daemon.run(stop))
         try:
-            yield Running(listener, backend, results)
+            yield Running(listener, backend, results, outbox)
         finally:
             stop.set()
             await asyncio.wait_for(task, 5)
 
 
 async def test_a_change_arms_a_timer_that_fires_once(tmp_path: Path) -> None:
-    async with running(tmp_path) as live:
+    # The support alert alone: the request stays pending after it, so every
+    # later look at the row (a change, two sweeps) could fire it again.
+    async with running(tmp_path, env={"RULE_REQUEST_EXPIRY": "off"}) as live:
         await live.wait(live.events.active)
+        swept = live.events.sweeps
         live.write_request(sid(1))
-        await live.results.until(lambda _: len(live.results.of(sid(1))) == 2)
-        # Two more sweeps (each after a reconnect) find the row done: nothing again.
+        await live.results.until(lambda _: live.results.of(sid(1)))
+        assert live.events.sweeps == swept, "found by a sweep, not armed by its change"
+        # The app changes a column the rules read, the deadline stays where it was.
+        live.source.write("sessions", {"id": sid(1), "status": "pending",
+                                       "customer_user_id": OTHER_CUSTOMER})
         for _ in range(2):
             swept = live.events.sweeps
             live.source.reconnect()
             await asyncio.wait_for(live.events.swept(swept + 1), WAIT)
         await live.wait(live.events.active)
-        await asyncio.sleep(0.2)  # past both due instants again
+        await asyncio.sleep(0.2)
         assert [(r.key.rule, r.outcome.value) for r in live.results.of(sid(1))] == [
-            ("support_unassigned_alert", "fired"), ("request_expiry", "fired")]
-        assert live.ledger(sid(1)) == {"support_unassigned_alert": "fired",
-                                       "request_expiry": "fired"}
-        assert live.store.tables["sessions"][sid(1)]["status"] == "expired"
-    assert len(list(tmp_path.glob("request_expiry-*.json"))) == 1  # the customer's email, once
+            ("support_unassigned_alert", "fired")]
+        assert live.ledger(sid(1)) == {"support_unassigned_alert": "fired"}
+        assert live.store.tables["sessions"][sid(1)]["customer_user_id"] == OTHER_CUSTOMER
+        assert list(live.outbox.sent.values()) == [1]  # the support email, once
 
 
 async def test_a_lost_lease_stands_by_and_fires_nothing_without_the_fence(
@@ -230,6 +262,7 @@ async def test_a_bug_in_the_sweep_is_logged_as_a_bug_and_the_next_sweep_runs(
     async with running(tmp_path, store=store, reconcile_s=0.3) as live:
         await live.wait(live.events.active)
         bugs = counter("listener_bugs_total", part="reconcile")
+        term = live.daemon.term
         with structlog.testing.capture_logs() as logs:
             store.bug_armed = True
             swept = live.events.sweeps
@@ -238,6 +271,8 @@ async def test_a_bug_in_the_sweep_is_logged_as_a_bug_and_the_next_sweep_runs(
         assert counter("listener_bugs_total", part="reconcile") == bugs + 1
         assert [(e["event"], e.get("part")) for e in logs if e["log_level"] == "error"] == [
             ("bug", "reconcile")]
+        # The sweep's part restarted within the term: no new lease term was needed.
+        assert live.daemon.term is term
         # A bug is not an outage: the store still reads as reachable, the daemon ready.
         assert live.daemon.readiness.database_reachable
         assert live.daemon.readiness.ready()
