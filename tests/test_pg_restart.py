@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import threading
 import time
 import uuid
 from collections import Counter
