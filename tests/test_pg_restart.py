@@ -170,7 +170,7 @@ async def test_a_restart_under_load_loses_nothing_and_doubles_nothing(
     ledger = query(app_database, "select rule, session_id::text, state, attempts "
                                  "from public.listener_ledger")
     by_action = Counter((rule, sid) for rule, sid, _, _ in ledger)
-    assert len(sids) > 150, f"the writer committed only {len(sids)} requests"
+    assert len(sids) > 100, f"the writer committed only {len(sids)} requests"
     assert set(by_action) == owed, "an action owed is missing from the ledger, or one not owed"
     assert max(by_action.values()) == 1
     assert {state for _, _, state, _ in ledger} == {"fired"}
