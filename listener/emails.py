@@ -305,8 +305,17 @@ class EmailDeliverer(Deliverer):
 
         if self.fence is None:
             raise FreezeRefused("no lease held")
-        return frozen_batches(await self.store.freeze_batch(  # type: ignore[attr-defined]
-            batch_key, list(payload), list(members), self.fence, supersedes))
+        fence = self.fence
+        # A batch not frozen is not sent, and its emails fail for good: a dropped
+        # connection must not do that. Freezing is fenced and idempotent (the same
+        # key again answers "frozen"; a commit whose answer was lost is found), so
+        # an unavailable database is retried like the contacts lookup.
+        answer = await retrying(
+            lambda: self.store.freeze_batch(  # type: ignore[attr-defined]
+                batch_key, list(payload), list(members), fence, supersedes),
+            give_up_after=30.0, retry_on=is_transient, event="freeze_retry",
+            context={"batch_key": batch_key})
+        return frozen_batches(answer)
 
     async def deliver(self, key: ActionKey, recipients: tuple[str, ...],
                       row: dict[str, Any]) -> dict[str, str]:

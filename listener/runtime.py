@@ -20,13 +20,15 @@ from listener import migrate
 from listener.activation import Activation, ActivationError, TableInfo, activate
 from listener.backend import Backend, ConfigError
 from listener.clock import Clock
+from listener.instants import HOUR
 from listener.rules.model import RuleSet
 from listener.rules.query import TableQuery, table_queries
 from listener.settings import Settings
 
 log = structlog.get_logger("listener")
 
-__all__ = ["Backend", "ConfigError", "Listener", "assemble", "open_backend", "serve"]
+__all__ = ["Backend", "ConfigError", "Listener", "assemble", "memory_backend", "open_backend",
+           "serve"]
 
 
 def embedded_conninfo(data_dir: Path) -> str:
@@ -94,6 +96,26 @@ async def open_backend(settings: Settings, queries: dict[str, TableQuery],
         raise ConfigError(f"database unreachable: {exc}") from None
     return Backend(settings.backend, store, NotifySource(conninfo, queries), conninfo,
                    [store.close])
+
+
+def memory_backend(ruleset: RuleSet, *, clock: Clock | None = None,
+                   max_notify_lateness: int = HOUR, store: Any = None) -> Backend:
+    """A backend with no database: the in-memory store (or `store`, a
+    MemoryStore of the caller's) and a change source fed by hand, over the
+    rules' tables. For tests, demos and a first look:
+
+        backend = memory_backend(ruleset)
+        async with assemble(settings, ruleset, backend=backend) as listener: ...
+        backend.source.write("sessions", {"id": ..., "status": "pending"})
+    """
+    from listener.adapters.source_memory import MemorySource
+    from listener.adapters.store_memory import MemoryStore
+
+    if store is None:
+        store = MemoryStore(clock=clock)
+    store.queries = table_queries(ruleset, max_notify_lateness)
+    store.recipients = recipients_of(ruleset)
+    return Backend("memory", store, MemorySource(store, clock))
 
 
 async def activation_of(backend: Backend, ruleset: RuleSet) -> Activation:

@@ -84,6 +84,21 @@ def database(pg_admin: str, pg_template: str) -> Iterator[str]:
         yield conninfo
 
 
+@pytest.fixture(scope="module")
+def private_pg():
+    """A PostgreSQL cluster of the tests' own, for what the shared server must
+    not go through (restarts, crashes): tests/pgcluster.py."""
+    from tests.pgcluster import available, private_cluster
+
+    missing = available()
+    if missing is not None:
+        pytest.fail(f"a private cluster cannot start: {missing}")
+    # Every commit acknowledged is on disk: a crash restart may lose nothing a
+    # client was told is committed (the ledger's claims above all).
+    with private_cluster({"synchronous_commit": "on"}) as cluster:
+        yield cluster
+
+
 @pytest.fixture(scope="session")
 def pg_cron_cluster():
     """A PostgreSQL cluster of the tests' own with pg_cron preloaded (tests/pgcron.py)."""

@@ -192,6 +192,29 @@ class MemoryStore:
         return parent_row is not None and self._holds(parent["table"], parent_key, parent_row,
                                                       parent_query)
 
+    # -- the catalogue ---------------------------------------------------------------
+
+    async def describe(self, tables: list[str]) -> dict[str, Any]:
+        """listener_describe_v1, in memory. A table exists when the store has a
+        query or rows for it; its columns are the ones its rows have and the ones
+        the rules read (nothing here says a column is missing), its primary key
+        the query's key, and it has no CHECK constraints."""
+        out: dict[str, Any] = {}
+        for table in tables:
+            query = self.queries.get(table)
+            rows = self.tables.get(table)
+            if query is None and rows is None:
+                out[table] = {"exists": False}
+                continue
+            columns = dict.fromkeys(query.columns if query is not None else ())
+            if query is not None and query.stamps_status:
+                columns[STATUS_CHANGED_AT] = None
+            for row in (rows or {}).values():
+                columns.update(dict.fromkeys(c for c in row if not c.startswith("_")))
+            out[table] = {"exists": True, "primary_key": [self._key_column(table)],
+                          "columns": {c: "unknown" for c in columns}, "checks": {}}
+        return out
+
     # -- the Store port ----------------------------------------------------------------
 
     async def tracked_pages(self, table: str) -> AsyncIterator[list[dict[str, Any]]]:
