@@ -24,6 +24,9 @@ def _config_error(message: str) -> PydanticCustomError:
     return PydanticCustomError("configuration", message)
 
 
+MIN_LEASE_TTL = 1_000_000  # microseconds
+
+
 class Settings(BaseSettings):
     # Inputs stay out of error messages: they may hold a secret.
     model_config = SettingsConfigDict(extra="ignore", populate_by_name=True,
@@ -65,6 +68,15 @@ class Settings(BaseSettings):
     @classmethod
     def _durations(cls, value: object, info) -> int:  # type: ignore[no-untyped-def]
         return _duration(value, info.field_name.upper())
+
+    @field_validator("lease_ttl")
+    @classmethod
+    def _lease_long_enough(cls, value: int) -> int:
+        # Renewed every third of its life: a shorter lease lapses between two
+        # round trips to a loaded database, and the instances would trade it.
+        if value < MIN_LEASE_TTL:
+            raise _config_error("LEASE_TTL must be at least 1s")
+        return value
 
     @model_validator(mode="after")
     def _webhook_pair(self) -> Settings:

@@ -80,3 +80,8 @@ def test_rules_table_reflects_overrides() -> None:
 def test_bad_max_notify_lateness_is_an_error() -> None:
     result = listener("replay", "-", env={"MAX_NOTIFY_LATENESS": "an hour"}, stdin="")
     assert result.returncode == 2 and "MAX_NOTIFY_LATENESS" in result.stderr
+
+
+def test_a_lease_shorter_than_a_second_is_an_error() -> None:
+    result = listener("run", env={"LEASE_TTL": "500ms", "DATABASE_URL": "postgresql://nowhere/x"})
+    assert result.returncode == 2 and "LEASE_TTL must be at least 1s" in result.stderr
