@@ -176,7 +176,7 @@ async def test_a_change_arms_a_timer_that_fires_once(tmp_path: Path) -> None:
 
 async def test_a_lost_lease_stands_by_and_fires_nothing_without_the_fence(
         tmp_path: Path) -> None:
-    async with running(tmp_path, lease_ttl_s=0.9) as live:
+    async with running(tmp_path, lease_ttl_s=1.0) as live:  # the shortest lease allowed
         await live.wait(live.events.active)
         # This instance stalls past its lease and another instance takes it.
         holder, token, _ = live.store.lease
