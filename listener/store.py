@@ -4,6 +4,7 @@ RPC and in memory (replay, unit tests), with one semantics.
 """
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, NamedTuple, Protocol
 
@@ -39,14 +40,26 @@ class Fence:
     token: int
 
 
+class FireOutcome(str, enum.Enum):
+    """What the fire function answered (text, as the SQL function returns it)."""
+
+    CLAIMED = "claimed"  # ours now: act, then complete
+    DONE = "done"  # finished before (by us or another instance): nothing to do
+    FENCED = "fenced"  # this holder's token is no longer the lease's
+    STALE = "stale"  # the row changed since the version the timer was armed on
+    CONFLICT = "conflict"  # the status moved on: a status change would overwrite a user
+    MISSING = "missing"  # the row is gone
+
+
 CLAIMED, DONE, FENCED, STALE, CONFLICT, MISSING = (
-    "claimed", "done", "fenced", "stale", "conflict", "missing")
+    FireOutcome.CLAIMED, FireOutcome.DONE, FireOutcome.FENCED, FireOutcome.STALE,
+    FireOutcome.CONFLICT, FireOutcome.MISSING)
 
 
 class Fired(NamedTuple):
     """What listener_fire answered."""
 
-    outcome: str  # CLAIMED | DONE | FENCED | STALE | CONFLICT | MISSING
+    outcome: FireOutcome
     status_applied: bool = False  # the status change is made (now or by an earlier attempt)
     attempts: int = 1
     row: dict[str, Any] | None = None  # the row after the change (CLAIMED), or as it is now

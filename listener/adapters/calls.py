@@ -21,7 +21,7 @@ from listener.instants import Instant, format_instant, parse_instant
 from listener.rules.model import Recipient, RecipientKind
 from listener.rules.query import TableQuery
 from listener.store import (
-    ActionKey, Contact, Fence, FireRequest, Fired, UnfinishedClaim)
+    ActionKey, Contact, Fence, FireOutcome, FireRequest, Fired, UnfinishedClaim)
 
 # Rows per page of a sweep. Each page is one JSON value, so PostgREST's
 # "Max rows" (which caps result rows, not the size of one value) does not cut it.
@@ -221,7 +221,7 @@ def recipients_json(recipients: Mapping[str, Recipient]) -> dict[str, list[dict[
 
 def fired_from_json(result: Mapping[str, Any]) -> Fired:
     """The answer of listener_fire_v2."""
-    return Fired(result["outcome"], bool(result.get("status_applied", False)),
+    return Fired(FireOutcome(result["outcome"]), bool(result.get("status_applied", False)),
                  int(result.get("attempts", 1)), result.get("row"))
 
 
