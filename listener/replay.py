@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import gc
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, TextIO
+from typing import Callable, Iterable, Iterator, Mapping, TextIO
 
 import orjson
 
@@ -39,7 +39,8 @@ class ReplayStats:
     actions: int = 0
 
 
-def result_line(result: ActionResult, ruleset: RuleSet) -> dict:
+def result_line(result: ActionResult, webhooks: Mapping[str, str | None]) -> dict:
+    """The printed line of an action; `webhooks`: each rule's webhook event by rule name."""
     key = result.key
     out: dict = {"at": format_instant(result.fired_at), "rule": key.rule, "table": key.table,
                  "row_id": key.row_key}
@@ -53,7 +54,7 @@ def result_line(result: ActionResult, ruleset: RuleSet) -> dict:
     out["due_at"] = format_instant(key.due_at)
     if result.recipients:
         out["recipients"] = list(result.recipients)
-    webhook = ruleset.by_name(key.rule).webhook
+    webhook = webhooks[key.rule]
     if webhook:
         out["webhook"] = webhook
     return out
@@ -79,7 +80,7 @@ class Replay:
                     emit(result)
 
         self.executor = Executor(self.engine, self.store, self.clock, REPLAY_FENCE,
-                                 on_result=collect, timeline=False)
+                                 on_result=collect, timeline=False, metered=False)
 
     async def fire_until(self, limit: Instant) -> None:
         while (timer := self.engine.pop_due(limit)) is not None:
@@ -131,12 +132,15 @@ async def run_replay(lines: Iterable[str], ruleset: RuleSet, out: TextIO, err: T
                      until: Instant | None = None,
                      max_notify_lateness: int = HOUR) -> ReplayStats:
     stats = ReplayStats()
+    webhooks: dict[str, str | None] = {}
+    for rule in ruleset.all_rules:
+        webhooks.setdefault(rule.name, rule.webhook)  # the first of a name, as by_name finds
     # Lines are written in batches: one write per line costs more than the engine.
     pending: list[bytes] = []
 
     def emit(result: ActionResult) -> None:
         stats.actions += 1
-        pending.append(orjson.dumps(result_line(result, ruleset)))
+        pending.append(orjson.dumps(result_line(result, webhooks)))
         if len(pending) >= 256:
             flush()
 
