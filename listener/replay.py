@@ -91,20 +91,22 @@ class Replay:
         """Apply one change at its instant (never before the clock); None when
         no rule reads its table. `owned`: the caller gives the change's record
         up (it parsed it for this alone), so the store keeps it uncopied."""
-        if not self.engine.watches(change.table):
+        engine = self.engine
+        if not engine.watches(change.table):
             return None
-        at = max(change.at if change.at is not None else self.clock.now(), self.clock.now())
+        now = self.clock.now()
+        at = change.at if change.at is not None and change.at > now else now
         # A change stamped at t goes before the timers due at t.
-        if self.engine.may_be_due(at - 1):
+        if engine.may_be_due(at - 1):
             await self.fire_until(at - 1)
         self.clock.advance_to(at)
-        if change.type == ChangeType.DELETE:
+        if change.type is ChangeType.DELETE:
             self.store.remove(change.table, change.key)
             self.engine.delete(change.table, change.key)
             return Applied(change.table, change.key, [])
         assert change.record is not None
         row = self.store.write(change.table, change.record, at, owned=owned)
-        return self.engine.upsert(change.table, row, at)
+        return engine.upsert(change.table, row, at)
 
     async def finish(self, until: Instant | None) -> None:
         await self.fire_until(until if until is not None else 2**62)
@@ -165,6 +167,7 @@ async def run_replay(lines: Iterable[str], ruleset: RuleSet, out: TextIO, err: T
 
 async def _replay_lines(replay: Replay, lines: Iterable[str], stats: ReplayStats, err: TextIO,
                         until: Instant | None) -> None:
+    unknown_values = replay.engine.new_unknown_values
     for number, line in enumerate(lines, 1):
         if number % COLLECT_EVERY == 0:
             gc.collect()
@@ -195,10 +198,11 @@ async def _replay_lines(replay: Replay, lines: Iterable[str], stats: ReplayStats
         if applied.new_status:
             err.write(f"line {number}: {change.table} {change.key}: unknown status "
                       f"{applied.new_status!r}, treated as terminal\n")
-        for unknown in replay.engine.new_unknown_values:
-            err.write(f"line {number}: {unknown.table}.{unknown.column} = {unknown.value!r} is "
-                      "not in the rules' map: no computed deadline from it\n")
-        replay.engine.new_unknown_values.clear()
+        if unknown_values:
+            for unknown in unknown_values:
+                err.write(f"line {number}: {unknown.table}.{unknown.column} = {unknown.value!r} "
+                          "is not in the rules' map: no computed deadline from it\n")
+            unknown_values.clear()
     if stats.after_until:
         err.write(f"{stats.after_until} line(s) stamped after --until were not applied\n")
     await replay.finish(until)

@@ -94,14 +94,16 @@ class MemoryStore:
 
         `owned`: the caller gives `record` up (replay parsed it for this write
         alone), so it is stored as it is rather than copied."""
-        key_column = self._key_column(table)
+        query = self.queries.get(table)
+        key_column = query.key if query is not None else "id"
         key = row_key_of(record, key_column)
         if key is None:
             raise ValueError(f"{table}: row has no usable {key_column}")
-        rows = self.tables.setdefault(table, {})
+        rows = self.tables.get(table)
+        if rows is None:
+            rows = self.tables[table] = {}
         previous = rows.get(key)
         row = record if owned else dict(record)
-        query = self.queries.get(table)
         if query is not None and query.stamps_status and query.status:
             stamp = row.get(STATUS_CHANGED_AT)
             if previous is None:
@@ -111,7 +113,8 @@ class MemoryStore:
                     row[STATUS_CHANGED_AT] = format_instant(at)
             elif stamp is None:
                 row[STATUS_CHANGED_AT] = previous.get(STATUS_CHANGED_AT)
-        row["_version"] = self._next_version()
+        self._versions += 1
+        row["_version"] = str(self._versions)
         rows[key] = row
         self.changed_at[(table, key)] = at
         return row
@@ -126,8 +129,7 @@ class MemoryStore:
 
     def _view(self, table: str, row: dict[str, Any]) -> dict[str, Any]:
         """The row as the functions answer it: the query's columns and _version."""
-        query = self.queries[table]
-        out = {c: row[c] for c in query.columns if c in row}
+        out = {c: row[c] for c in self.queries[table].columns if c in row}
         out["_version"] = row["_version"]
         return out
 
