@@ -227,11 +227,12 @@ class MemoryStore:
 
     async def fire(self, request: FireRequest, fence: Fence) -> Fired:
         """listener_fire_v2, in memory: the same steps."""
-        if self._fenced(fence):
+        if self.lease is not None and self._fenced(fence):
             return Fired(FENCED)
         key = request.key
         query = self.queries[key.table]
-        row = self.tables.get(key.table, {}).get(key.row_key)
+        rows = self.tables.get(key.table)
+        row = rows.get(key.row_key) if rows is not None else None
         changes = request.status is not None or request.set_columns is not None
         checked = request.version is not None or changes
         if checked:
@@ -257,7 +258,8 @@ class MemoryStore:
             entry.status_applied = True
         if request.finish is not None:
             detail = dict(request.detail or {})
-            self._insert_timeline(request.timeline)
+            if request.timeline:
+                self._insert_timeline(request.timeline)
             entry.state, entry.fired_at, entry.lateness_ms, entry.detail = (
                 request.finish, request.fired_at, request.lateness_ms, detail)
         return Fired(CLAIMED, entry.status_applied, entry.attempts,
@@ -291,7 +293,8 @@ class MemoryStore:
         if changed:
             if "updated_at" in row:
                 row["updated_at"] = format_instant(self.clock.now())
-            row["_version"] = self._next_version()
+            self._versions += 1
+            row["_version"] = str(self._versions)
 
     def _insert_timeline(self, timeline: Mapping[str, Any] | None) -> None:
         if not timeline or not isinstance(timeline.get("row"), Mapping):
