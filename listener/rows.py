@@ -175,8 +175,20 @@ class RowCodec:
         for column in self._presence:
             lines.append("    " + assign(column, f"None if row.get({column!r}) is None else True"))
         if self.stamps_status:
-            lines.append("    " + assign(STATUS_CHANGED_AT,
-                                       "CHANGED_AT(row, previous, status, at, problems)"))
+            # The row's own stamp, when it reads (nearly always: the trigger or the
+            # memory store sets it), without the call; the rest of the inference
+            # (and the problem of a stamp that does not read) in CHANGED_AT.
+            lines += [
+                f"    v = row.get({STATUS_CHANGED_AT!r})",
+                "    w = None",
+                "    if type(v) is str:",
+                "        try:",
+                "            w = TEXT(v)",
+                "        except BadInstant:",
+                "            pass",
+                "    " + assign(STATUS_CHANGED_AT,
+                               "w if w is not None else CHANGED_AT(row, previous, status, at, "
+                               "problems)")]
         lines.append("    return s, problems")
         exec("\n".join(lines), namespace)  # noqa: S102 - source built from checked names only
         return namespace["parse_keyed"]
