@@ -1,8 +1,11 @@
 """Replay throughput (change events per second, one core) and memory per tracked
-session. Prints a table; targets: >= 50,000 events/s,
-<= 1 KB per session.
+session. Prints a table, this release's figures next to release 1's; targets:
+>= 50,000 events/s, <= 1 KB per session.
 
-    python benchmarks/replay_throughput.py [--sessions 20000]
+    python benchmarks/replay_throughput.py [--sessions 20000] [--repeat 3]
+
+Throughput is CPU time, the best of --repeat replays of the same log, each in a
+fresh engine: on a shared machine the other runs' load only ever slows one down.
 """
 from __future__ import annotations
 
@@ -23,6 +26,11 @@ from listener.logs import configure_logging  # noqa: E402
 from listener.tables import format_table  # noqa: E402
 from listener.replay import run_replay  # noqa: E402
 from listener.rules import load_rules  # noqa: E402
+
+# Release 1 (commit fca1826) on the same 2-core machine, in the same sitting as
+# the figures the README gives for this release (its own README said 10,500).
+RELEASE_1_EVENTS_PER_S = "17,200"
+RELEASE_1_BYTES_PER_SESSION = "492 B"
 
 
 def throughput(lines: list[str]) -> tuple[float, int]:
@@ -61,16 +69,20 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sessions", type=int, default=20_000)
     parser.add_argument("--memory-sessions", type=int, default=100_000)
+    parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     lines = generate(args.sessions)
-    rate, actions = throughput(lines)
+    runs = [throughput(lines) for _ in range(max(1, args.repeat))]
+    rate = max(r for r, _ in runs)
+    actions = runs[0][1]
     per_session = memory_per_session(args.memory_sessions)
-    rows = [("measure", "value", "release 1", "target"),
+    rows = [("measure", "this release", "release 1", "target"),
             ("change events replayed", f"{len(lines):,}", "", ""),
             ("actions fired", f"{actions:,}", "", ""),
-            ("replay throughput (events/s, CPU time)", f"{rate:,.0f}", "10,500", ">= 50,000"),
+            (f"replay throughput (events/s, CPU time, best of {len(runs)})", f"{rate:,.0f}",
+             RELEASE_1_EVENTS_PER_S, ">= 50,000"),
             (f"memory per tracked session ({args.memory_sessions:,} sessions)",
-             f"{per_session:,.0f} B", "490 B", "<= 1,024 B")]
+             f"{per_session:,.0f} B", RELEASE_1_BYTES_PER_SESSION, "<= 1,024 B")]
     print(format_table(rows))
 
 

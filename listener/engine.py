@@ -114,24 +114,37 @@ def compile_due(rule: Rule, table: Table, maps: Mapping[str, Mapping[str, float]
 class TableState:
     """The engine's rows of one table and the rules that read them."""
 
-    __slots__ = ("name", "table", "codec", "rows", "by_status", "always", "tombstones")
+    __slots__ = ("name", "table", "codec", "status", "rows", "by_status", "always",
+                 "for_status", "tombstones")
 
     def __init__(self, table: Table, codec: RowCodec) -> None:
         self.name = table.name
         self.table = table
         self.codec = codec
+        self.status = codec.status  # the status column's name
         self.rows: dict[str, RowState] = {}
         self.by_status: dict[str, tuple[tuple[int, DueFunction], ...]] = {}
         self.always: tuple[tuple[int, DueFunction], ...] = ()  # rules for every status
+        self.for_status: dict[str, tuple[tuple[int, DueFunction], ...]] = {}
         # Rows that owe nothing are forgotten (memory is for live work); what is
         # left of them is the state they were in (for inferring when a later
         # change entered its status) and their fired episodes, in case the row
         # comes back with the same anchors. Bounded: live, the ledger is the authority.
         self.tombstones: OrderedDict[str, RowState] = OrderedDict()
 
+    def add_rule(self, index: int, due: DueFunction, statuses: frozenset[str]) -> None:
+        """A rule of this table: for the statuses it names, or for every status."""
+        if statuses:
+            for status in statuses:
+                self.by_status[status] = self.by_status.get(status, ()) + ((index, due),)
+        else:
+            self.always += ((index, due),)
+        # Per status, its rules then those for every status: made here, once,
+        # rather than joined on each of the several lookups every change makes.
+        self.for_status = {status: found + self.always for status, found in self.by_status.items()}
+
     def rules_for(self, status: str) -> tuple[tuple[int, DueFunction], ...]:
-        found = self.by_status.get(status, ())
-        return found + self.always if self.always else found
+        return self.for_status.get(status, self.always)
 
 
 class Engine:
@@ -169,11 +182,7 @@ class Engine:
                               self._unknown_reporter(rule.table))
             self._due.append(due)
             self._rule_table.append(state)
-            if rule.statuses:
-                for status in rule.statuses:
-                    state.by_status[status] = state.by_status.get(status, ()) + ((index, due),)
-            else:
-                state.always += ((index, due),)
+            state.add_rule(index, due, rule.statuses)
 
     def _unknown_reporter(self, table: str) -> Callable[[str, Any], None]:
         def report(column: str, value: Any) -> None:
@@ -204,13 +213,12 @@ class Engine:
 
     def pending(self, table: TableState, state: RowState) -> list[tuple[int, Instant]]:
         """(rule index, due) of every episode this state still owes."""
-        out = []
+        rules = table.for_status.get(getattr(state, table.status), table.always)
         fired = state._fired
-        for index, due_of in table.rules_for(getattr(state, table.codec.status)):
-            due = due_of(state)
-            if due is not None and (not fired or (index, due) not in fired):
-                out.append((index, due))
-        return out
+        if not fired:
+            return [(index, due) for index, due_of in rules if (due := due_of(state)) is not None]
+        return [(index, due) for index, due_of in rules
+                if (due := due_of(state)) is not None and (index, due) not in fired]
 
     def parse(self, table: str, row: Mapping[str, Any], at: Instant | None) -> RowState:
         """A row as state, without applying it (the guard reads fresh rows so)."""
@@ -256,15 +264,17 @@ class Engine:
         new_pending = self.pending(ts, new)
         self.armed += len(new_pending) - len(old_pending)
         added = 0
+        heap = self._heap
         for index, due in new_pending:
-            if (index, due) not in old_pending:
-                heapq.heappush(self._heap, (due, index, new._key))
+            if not old_pending or (index, due) not in old_pending:
+                heapq.heappush(heap, (due, index, new._key))
                 added += 1
         if new_pending:
             ts.rows[key] = new
         else:
             self._forget(ts, key, new)
-        self._compact_if_bloated()
+        if len(heap) > 4 * self.armed + 10_000:
+            self._compact()
         return added
 
     def _upsert_child(self, table: str, row: Mapping[str, Any]) -> Applied:
@@ -367,11 +377,15 @@ class Engine:
         heap = self._heap
         while heap and heap[0][0] <= until:
             due, index, key = heapq.heappop(heap)
-            state = self._live(due, index, key)
-            if state is None:
-                continue
+            # _live, inlined: most entries popped are obsolete, checked and dropped here.
             ts = self._rule_table[index]
-            state._fired = state._fired + ((index, due),)
+            state = ts.rows.get(key)
+            if state is None or self._due[index](state) != due:
+                continue
+            fired = state._fired
+            if fired and (index, due) in fired:
+                continue
+            state._fired = fired + ((index, due),)
             self.armed -= 1
             return Timer(self.rules[index], index, ts.name, key, due)
         return None
@@ -440,14 +454,14 @@ class Engine:
         for due, index, key in items:
             yield due, self.rules[index], self._rule_table[index].name, key
 
-    def _compact_if_bloated(self) -> None:
+    def _compact(self) -> None:
         # Obsolete entries normally drain as they come due; a row whose far-future
-        # deadline moves often would grow the heap without bound, so rebuild it.
-        if len(self._heap) > 4 * self.armed + 10_000:
-            self._heap = [(due, index, key) for ts in self.tables.values()
-                          for key, state in ts.rows.items()
-                          for index, due in self.pending(ts, state)]
-            heapq.heapify(self._heap)
+        # deadline moves often would grow the heap without bound, so _arm
+        # rebuilds it past four times the armed episodes.
+        self._heap = [(due, index, key) for ts in self.tables.values()
+                      for key, state in ts.rows.items()
+                      for index, due in self.pending(ts, state)]
+        heapq.heapify(self._heap)
 
 
 __all__ = ["Applied", "BadRow", "Decision", "Engine", "Timer", "UnknownValue"]

@@ -72,7 +72,8 @@ class Executor:
                  on_result: Callable[[ActionResult], None] | None = None,
                  background: Callable[[Awaitable[None]], Any] | None = None,
                  timeline: bool = True,
-                 give_back: Callable[[Timer, BaseException], None] | None = None) -> None:
+                 give_back: Callable[[Timer, BaseException], None] | None = None,
+                 metered: bool = True) -> None:
         self.engine = engine
         self.store = store
         self.clock = clock
@@ -90,7 +91,11 @@ class Executor:
         # due, so it would be popped and fail again at once) and sweeps again.
         # Without it (replay) the episode is left as it is: a bug is reported once.
         self.give_back = give_back
+        # Whether actions count in the process's metrics (replay serves no /metrics).
+        self.metered = metered
         self._messages: dict[tuple[str, Outcome], str] = {}
+        # Per rule, the statuses its compare-and-set accepts, in a stable order.
+        self._expected: dict[str, tuple[str, ...]] = {}
         # Emails and webhooks may be slow (rate limits, retries): live, they run
         # in the background so the status changes of other rows never wait.
         self._background = background
@@ -232,8 +237,13 @@ class Executor:
         at = max(fired_at, self.clock.now())  # lateness includes the time to get here
         lateness_ms = (at - key.due_at) // 1000
         changes = rule.set_status is not None and acting
+        expected = None
+        if changes:
+            expected = self._expected.get(rule.name)
+            if expected is None:
+                expected = self._expected[rule.name] = tuple(sorted(rule.statuses))
         return FireRequest(
-            key, at, version, tuple(sorted(rule.statuses)) if changes else None,
+            key, at, version, expected,
             rule.set_status if changes else None, rule.reason if changes else None,
             None if finish is None else finish.value,
             None if finish is None else lateness_ms, detail,
@@ -386,17 +396,24 @@ class Executor:
 
     def _report(self, result: ActionResult) -> ActionResult:
         key = result.key
-        event = ActionEvent(key.rule, key.table, key.row_key, format_instant(key.due_at),
-                            format_instant(result.fired_at), result.lateness_ms,
-                            result.outcome.value, result.status, result.reason, result.detail)
-        if result.outcome is Outcome.FAILED:
-            log.warning("action", **event.as_dict())
-        elif logs.enabled(logging.INFO):
-            log.info("action", **event.as_dict())
-        metrics.action_counter(key.rule, result.outcome.value).inc()
-        metrics.FIRING_LATENESS.observe(max(0, result.fired_at - key.due_at) / 1e6)
-        if self.publisher is not None:
-            self.publisher.publish(event)
+        failed = result.outcome is Outcome.FAILED
+        # The event is built only for someone who takes it: a log line at its
+        # level, or the publisher. Replay, at WARNING, fires most actions unread.
+        logged = failed or logs.enabled(logging.INFO)
+        if logged or self.publisher is not None:
+            event = ActionEvent(key.rule, key.table, key.row_key, format_instant(key.due_at),
+                                format_instant(result.fired_at), result.lateness_ms,
+                                result.outcome.value, result.status, result.reason,
+                                result.detail)
+            if failed:
+                log.warning("action", **event.as_dict())
+            elif logged:
+                log.info("action", **event.as_dict())
+            if self.publisher is not None:
+                self.publisher.publish(event)
+        if self.metered:
+            metrics.action_counter(key.rule, result.outcome.value).inc()
+            metrics.FIRING_LATENESS.observe(max(0, result.fired_at - key.due_at) / 1e6)
         if self.on_result is not None:
             self.on_result(result)
         return result

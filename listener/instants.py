@@ -5,6 +5,7 @@ datetime objects; they become datetimes only at the edges (logs, JSON, SQL).
 """
 from __future__ import annotations
 
+import functools
 import re
 import time
 from datetime import datetime, timezone
@@ -32,7 +33,9 @@ _MAX_TEXT = 64
 _INFINITE = {"infinity", "+infinity", "-infinity"}
 _YEAR_BEYOND_9999 = re.compile(r"^\+?\d{5,}-\d")
 
-_parsed: dict[str, Instant] = {}
+# Rows repeat their timestamps on every update: recent ones are remembered.
+# Bad text is not (the error is raised anew), nor are datetimes.
+_REMEMBERED = 65_536
 
 
 def parse_instant(value: object) -> Instant | None:
@@ -47,18 +50,33 @@ def parse_instant(value: object) -> Instant | None:
     if value is None:
         return None
     if isinstance(value, str):
-        # Rows repeat their timestamps on every update: remember recent ones.
-        cached = _parsed.get(value)
-        if cached is not None:
-            return cached
-        instant = _instant_of(_datetime_of_text(value), value)
-        if len(_parsed) >= 65_536:
-            _parsed.clear()
-        _parsed[value] = instant
-        return instant
+        return instant_of_text(value)
     if isinstance(value, datetime):
         return _instant_of(value, value)
     raise BadInstant(f"timestamp of type {type(value).__name__}")
+
+
+@functools.lru_cache(maxsize=_REMEMBERED)
+def instant_of_text(value: str) -> Instant:
+    """parse_instant for text (never None): what the row parsers call directly."""
+    if len(value) <= _MAX_TEXT:
+        # The forms PostgreSQL and JSON writers emit ("2026-03-02T08:00:00Z",
+        # "2026-03-02 08:00:00.5+00") are read as they are. fromisoformat refuses
+        # surrounding blanks, a lowercase z, infinity, BC and years past 9999,
+        # so whatever it accepts here the careful reading below would read the same.
+        try:
+            dt = datetime.fromisoformat(value)
+        except (ValueError, OverflowError):
+            pass
+        else:
+            if dt.tzinfo is timezone.utc:
+                delta = dt - _EPOCH  # both UTC: plain field arithmetic, no overflow
+                instant = (delta.days * 86_400 + delta.seconds) * SECOND + delta.microseconds
+                if not -MAX_INSTANT < instant < MAX_INSTANT:
+                    raise BadInstant(f"timestamp out of range {value!r:.60}")
+                return instant
+            return _instant_of(dt, value)
+    return _instant_of(_datetime_of_text(value), value)
 
 
 def _datetime_of_text(value: str) -> datetime:
@@ -101,25 +119,22 @@ def to_datetime(instant: Instant) -> datetime:
     return _EPOCH + timedelta(microseconds=instant)
 
 
-_formatted: dict[Instant, str] = {}
-
-
+@functools.lru_cache(maxsize=_REMEMBERED)
 def format_instant(instant: Instant) -> str:
     """RFC 3339 UTC with a Z; microseconds only when there are some."""
-    text = _formatted.get(instant)
-    if text is None:
-        if len(_formatted) >= 65_536:
-            _formatted.clear()
-        text = _formatted[instant] = _format(instant)
-    return text
-
-
-def _format(instant: Instant) -> str:
     seconds, micros = divmod(instant, SECOND)
-    t = time.gmtime(seconds)
-    text = (f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}"
-            f"T{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}")
+    days, second_of_day = divmod(seconds, 86_400)
+    hours, rest = divmod(second_of_day, 3_600)
+    minutes, second = divmod(rest, 60)
+    text = f"{_date_text(days)}T{hours:02d}:{minutes:02d}:{second:02d}"
     return f"{text}.{micros:06d}Z" if micros else text + "Z"
+
+
+@functools.lru_cache(maxsize=4_096)
+def _date_text(days: int) -> str:
+    """YYYY-MM-DD of a day counted from the epoch (any year time.gmtime can give)."""
+    t = time.gmtime(days * 86_400)
+    return f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}"
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import gc
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, TextIO
+from typing import Callable, Iterable, Iterator, Mapping, TextIO
 
 import orjson
 
@@ -39,7 +39,8 @@ class ReplayStats:
     actions: int = 0
 
 
-def result_line(result: ActionResult, ruleset: RuleSet) -> dict:
+def result_line(result: ActionResult, webhooks: Mapping[str, str | None]) -> dict:
+    """The printed line of an action; `webhooks`: each rule's webhook event by rule name."""
     key = result.key
     out: dict = {"at": format_instant(result.fired_at), "rule": key.rule, "table": key.table,
                  "row_id": key.row_key}
@@ -53,7 +54,7 @@ def result_line(result: ActionResult, ruleset: RuleSet) -> dict:
     out["due_at"] = format_instant(key.due_at)
     if result.recipients:
         out["recipients"] = list(result.recipients)
-    webhook = ruleset.by_name(key.rule).webhook
+    webhook = webhooks[key.rule]
     if webhook:
         out["webhook"] = webhook
     return out
@@ -79,7 +80,7 @@ class Replay:
                     emit(result)
 
         self.executor = Executor(self.engine, self.store, self.clock, REPLAY_FENCE,
-                                 on_result=collect, timeline=False)
+                                 on_result=collect, timeline=False, metered=False)
 
     async def fire_until(self, limit: Instant) -> None:
         while (timer := self.engine.pop_due(limit)) is not None:
@@ -90,20 +91,22 @@ class Replay:
         """Apply one change at its instant (never before the clock); None when
         no rule reads its table. `owned`: the caller gives the change's record
         up (it parsed it for this alone), so the store keeps it uncopied."""
-        if not self.engine.watches(change.table):
+        engine = self.engine
+        if not engine.watches(change.table):
             return None
-        at = max(change.at if change.at is not None else self.clock.now(), self.clock.now())
+        now = self.clock.now()
+        at = change.at if change.at is not None and change.at > now else now
         # A change stamped at t goes before the timers due at t.
-        if self.engine.may_be_due(at - 1):
+        if engine.may_be_due(at - 1):
             await self.fire_until(at - 1)
         self.clock.advance_to(at)
-        if change.type == ChangeType.DELETE:
+        if change.type is ChangeType.DELETE:
             self.store.remove(change.table, change.key)
             self.engine.delete(change.table, change.key)
             return Applied(change.table, change.key, [])
         assert change.record is not None
         row = self.store.write(change.table, change.record, at, owned=owned)
-        return self.engine.upsert(change.table, row, at)
+        return engine.upsert(change.table, row, at)
 
     async def finish(self, until: Instant | None) -> None:
         await self.fire_until(until if until is not None else 2**62)
@@ -123,6 +126,13 @@ def collector_paused() -> Iterator[None]:
     try:
         yield
     finally:
+        # Everything the replay allocated is still in the youngest generation:
+        # re-enabled as it is, the first allocation would traverse all of it
+        # (a tenth of a replay's time) to find nothing. Freezing and unfreezing
+        # moves it to the oldest generation at once, without a traversal;
+        # reference counting frees it as before.
+        gc.freeze()
+        gc.unfreeze()
         if was_enabled:
             gc.enable()
 
@@ -131,12 +141,15 @@ async def run_replay(lines: Iterable[str], ruleset: RuleSet, out: TextIO, err: T
                      until: Instant | None = None,
                      max_notify_lateness: int = HOUR) -> ReplayStats:
     stats = ReplayStats()
+    webhooks: dict[str, str | None] = {}
+    for rule in ruleset.all_rules:
+        webhooks.setdefault(rule.name, rule.webhook)  # the first of a name, as by_name finds
     # Lines are written in batches: one write per line costs more than the engine.
     pending: list[bytes] = []
 
     def emit(result: ActionResult) -> None:
         stats.actions += 1
-        pending.append(orjson.dumps(result_line(result, ruleset)))
+        pending.append(orjson.dumps(result_line(result, webhooks)))
         if len(pending) >= 256:
             flush()
 
@@ -154,6 +167,7 @@ async def run_replay(lines: Iterable[str], ruleset: RuleSet, out: TextIO, err: T
 
 async def _replay_lines(replay: Replay, lines: Iterable[str], stats: ReplayStats, err: TextIO,
                         until: Instant | None) -> None:
+    unknown_values = replay.engine.new_unknown_values
     for number, line in enumerate(lines, 1):
         if number % COLLECT_EVERY == 0:
             gc.collect()
@@ -184,10 +198,11 @@ async def _replay_lines(replay: Replay, lines: Iterable[str], stats: ReplayStats
         if applied.new_status:
             err.write(f"line {number}: {change.table} {change.key}: unknown status "
                       f"{applied.new_status!r}, treated as terminal\n")
-        for unknown in replay.engine.new_unknown_values:
-            err.write(f"line {number}: {unknown.table}.{unknown.column} = {unknown.value!r} is "
-                      "not in the rules' map: no computed deadline from it\n")
-        replay.engine.new_unknown_values.clear()
+        if unknown_values:
+            for unknown in unknown_values:
+                err.write(f"line {number}: {unknown.table}.{unknown.column} = {unknown.value!r} "
+                          "is not in the rules' map: no computed deadline from it\n")
+            unknown_values.clear()
     if stats.after_until:
         err.write(f"{stats.after_until} line(s) stamped after --until were not applied\n")
     await replay.finish(until)

@@ -17,9 +17,8 @@ import keyword
 import sys
 from typing import Any, Mapping
 
-from listener.instants import BadInstant, Instant, parse_instant
+from listener.instants import BadInstant, Instant, instant_of_text, parse_instant
 # parse_instant's memo of text -> instant (pure, so reading it is always safe).
-from listener.instants import _parsed as parsed_instants
 from listener.rules.model import Rule, Table
 from listener.rules.query import STATUS_CHANGED_AT, optional_columns
 
@@ -131,7 +130,7 @@ class RowCodec:
         """
         namespace: dict[str, Any] = {
             "NEW": self.state_class, "BadRow": BadRow, "BadInstant": BadInstant,
-            "PARSE": parse_instant, "CACHED": parsed_instants, "INTERN": sys.intern,
+            "PARSE": parse_instant, "TEXT": instant_of_text, "INTERN": sys.intern,
             "SCALARS": (int, float, bool), "CHANGED_AT": self._changed_at}
 
         def assign(column: str, value: str) -> str:
@@ -157,14 +156,12 @@ class RowCodec:
             lines += [
                 f"    v = row.get({column!r})",
                 "    if v is not None:",
-                # The cache parse_instant fills, read here without the call.
-                "        w = CACHED.get(v) if type(v) is str else None",
-                "        if w is None:",
-                "            try:",
-                "                w = PARSE(v)",
-                "            except BadInstant as exc:",
-                f"                problems.append(f'{column}: {{exc}}')",
-                "        v = w",
+                "        try:",
+                # Text (nearly always) straight to the remembering parser.
+                "            v = TEXT(v) if type(v) is str else PARSE(v)",
+                "        except BadInstant as exc:",
+                f"            problems.append(f'{column}: {{exc}}')",
+                "            v = None",
                 "    " + assign(column, "v")]
         for column in self._values:
             lines += [
@@ -178,8 +175,20 @@ class RowCodec:
         for column in self._presence:
             lines.append("    " + assign(column, f"None if row.get({column!r}) is None else True"))
         if self.stamps_status:
-            lines.append("    " + assign(STATUS_CHANGED_AT,
-                                       "CHANGED_AT(row, previous, status, at, problems)"))
+            # The row's own stamp, when it reads (nearly always: the trigger or the
+            # memory store sets it), without the call; the rest of the inference
+            # (and the problem of a stamp that does not read) in CHANGED_AT.
+            lines += [
+                f"    v = row.get({STATUS_CHANGED_AT!r})",
+                "    w = None",
+                "    if type(v) is str:",
+                "        try:",
+                "            w = TEXT(v)",
+                "        except BadInstant:",
+                "            pass",
+                "    " + assign(STATUS_CHANGED_AT,
+                               "w if w is not None else CHANGED_AT(row, previous, status, at, "
+                               "problems)")]
         lines.append("    return s, problems")
         exec("\n".join(lines), namespace)  # noqa: S102 - source built from checked names only
         return namespace["parse_keyed"]

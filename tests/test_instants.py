@@ -9,7 +9,8 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from listener.instants import (MAX_INSTANT, SECOND, BadInstant, format_instant, parse_instant,
+from listener.instants import (MAX_INSTANT, SECOND, BadInstant, _datetime_of_text, _instant_of,
+                               format_instant, parse_instant,
                                to_datetime)
 from tests.conftest import scratch_database
 
@@ -172,3 +173,34 @@ def test_a_timestamp_without_zone_is_utc(pg: psycopg.Connection) -> None:
     text, as_json = pg.execute("select '2026-03-02 12:00:00'::timestamp::text, "
                                "to_jsonb('2026-03-02 12:00:00'::timestamp) #>> '{}'").fetchone()
     assert parse_instant(text) == parse_instant(as_json) == NOON
+
+
+# --------------------------------------------------------------------------- the fast path
+
+def _careful(text: str) -> int:
+    """The reading every text had before the fast path: strip, the checks, fromisoformat."""
+    return _instant_of(_datetime_of_text(text), text)
+
+
+@given(st.datetimes(timezones=st.none() | st.just(timezone.utc) | st.builds(
+    lambda seconds: timezone(timedelta(seconds=seconds)), st.integers(-86_399, 86_399)))
+    .flatmap(lambda d: st.sampled_from([d.isoformat(), d.isoformat(sep=" "),
+                                        d.isoformat().replace("+00:00", "Z"),
+                                        d.isoformat(timespec="milliseconds"),
+                                        d.date().isoformat()]))
+    | st.from_regex(r"\A[0-9+\-:TZtz .]{0,40}\Z") | st.text(max_size=70))
+@example("2026-03-02T12:00:00z")
+@example(" 2026-03-02T12:00:00Z")
+@example("2026-03-02T12:00:00.1234567Z")
+@example("0001-01-01T00:00:00Z")
+@example("2026-03-02T12:00:00." + "0" * 50 + "Z")  # longer than any timestamp written
+def test_text_reads_the_same_as_the_careful_reading(text: str) -> None:
+    try:
+        expected: int | str = _careful(text)
+    except BadInstant as exc:
+        expected = str(exc)
+    try:
+        got: int | str = parse_instant(text)  # type: ignore[assignment]
+    except BadInstant as exc:
+        got = str(exc)
+    assert got == expected

@@ -252,6 +252,8 @@ def _instant(value: Instant | None) -> Instant:
 def row_key_of(row: Mapping[str, Any], key: str) -> str | None:
     """A row's key as text, as the ledger and the keyset pages take it."""
     value = row.get(key)
+    if type(value) is str:  # nearly every key: the checks below are for the rest
+        return value
     if isinstance(value, bool) or value is None or isinstance(value, (dict, list)):
         return None
     return str(value)

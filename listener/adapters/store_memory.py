@@ -94,14 +94,16 @@ class MemoryStore:
 
         `owned`: the caller gives `record` up (replay parsed it for this write
         alone), so it is stored as it is rather than copied."""
-        key_column = self._key_column(table)
+        query = self.queries.get(table)
+        key_column = query.key if query is not None else "id"
         key = row_key_of(record, key_column)
         if key is None:
             raise ValueError(f"{table}: row has no usable {key_column}")
-        rows = self.tables.setdefault(table, {})
+        rows = self.tables.get(table)
+        if rows is None:
+            rows = self.tables[table] = {}
         previous = rows.get(key)
         row = record if owned else dict(record)
-        query = self.queries.get(table)
         if query is not None and query.stamps_status and query.status:
             stamp = row.get(STATUS_CHANGED_AT)
             if previous is None:
@@ -111,7 +113,8 @@ class MemoryStore:
                     row[STATUS_CHANGED_AT] = format_instant(at)
             elif stamp is None:
                 row[STATUS_CHANGED_AT] = previous.get(STATUS_CHANGED_AT)
-        row["_version"] = self._next_version()
+        self._versions += 1
+        row["_version"] = str(self._versions)
         rows[key] = row
         self.changed_at[(table, key)] = at
         return row
@@ -126,8 +129,7 @@ class MemoryStore:
 
     def _view(self, table: str, row: dict[str, Any]) -> dict[str, Any]:
         """The row as the functions answer it: the query's columns and _version."""
-        query = self.queries[table]
-        out = {c: row[c] for c in query.columns if c in row}
+        out = {c: row[c] for c in self.queries[table].columns if c in row}
         out["_version"] = row["_version"]
         return out
 
@@ -248,11 +250,12 @@ class MemoryStore:
 
     async def fire(self, request: FireRequest, fence: Fence) -> Fired:
         """listener_fire_v2, in memory: the same steps."""
-        if self._fenced(fence):
+        if self.lease is not None and self._fenced(fence):
             return Fired(FENCED)
         key = request.key
         query = self.queries[key.table]
-        row = self.tables.get(key.table, {}).get(key.row_key)
+        rows = self.tables.get(key.table)
+        row = rows.get(key.row_key) if rows is not None else None
         changes = request.status is not None or request.set_columns is not None
         checked = request.version is not None or changes
         if checked:
@@ -278,7 +281,8 @@ class MemoryStore:
             entry.status_applied = True
         if request.finish is not None:
             detail = dict(request.detail or {})
-            self._insert_timeline(request.timeline)
+            if request.timeline:
+                self._insert_timeline(request.timeline)
             entry.state, entry.fired_at, entry.lateness_ms, entry.detail = (
                 request.finish, request.fired_at, request.lateness_ms, detail)
         return Fired(CLAIMED, entry.status_applied, entry.attempts,
@@ -312,7 +316,8 @@ class MemoryStore:
         if changed:
             if "updated_at" in row:
                 row["updated_at"] = format_instant(self.clock.now())
-            row["_version"] = self._next_version()
+            self._versions += 1
+            row["_version"] = str(self._versions)
 
     def _insert_timeline(self, timeline: Mapping[str, Any] | None) -> None:
         if not timeline or not isinstance(timeline.get("row"), Mapping):
