@@ -11,10 +11,10 @@ import psycopg
 import pytest
 
 from listener import migrate
-from listener.adapters.calls import FIRE, query_json
+from listener.adapters.calls import FIRE, TRACKED_ROWS, query_json
 from listener.adapters.source_notify import change_from_notify
 from listener.adapters.store_sql import SqlStore
-from listener.instants import MINUTE, parse_instant
+from listener.instants import MINUTE, format_instant, parse_instant
 from listener.store import (
     CLAIMED, CONFLICT, DONE, FENCED, MISSING, STALE, ActionKey, Fence, FireRequest, all_tracked)
 from tests.sql_tables import (
@@ -265,97 +265,53 @@ async def test_changed_rows_are_the_incremental_read(store: SqlStore,
     assert "listener_changed_at" in " ".join(r[0] for r in plan)
 
 
-async def test_contacts_by_declared_columns(store: SqlStore, db: psycopg.Connection) -> None:
-    insert(db, "test_holds", hold(1, mechanic_id=MECHANIC))
-    insert(db, "test_holds", hold(2, mechanic_id=MECHANIC_NO_EMAIL))
-    insert(db, "test_holds", hold(3, customer_id=None))
-    one = await store.contacts("test_holds", "1")
-    assert one["customer"].email == "cust@example.com" and one["customer"].name == "Cus Tomer"
-    assert one["mechanic"].email == "mech@example.com" and one["mechanic"].name == "Mec Hanic"
-    assert "helper" not in one and "support" not in one  # no such column; no column at all
-    # The first source without an email falls through to the next.
-    assert (await store.contacts("test_holds", "2"))["mechanic"].email == "cust@example.com"
-    assert await store.contacts("test_holds", "3") == {}
-    assert await store.contacts("test_holds", "404") == {}
+def v2_rows(db: psycopg.Connection, function: str, table: str, arg: Any, limit: int) -> Any:
+    """The same read through the release-2 function (one jsonb object per row)."""
+    return db.execute(f"select public.{function}(%s::jsonb, %s, %s)",
+                      (json.dumps(query_json(QUERIES, table)), arg, limit)).fetchone()[0]
 
 
-async def test_describe_tables(store: SqlStore) -> None:
-    described = await store.describe(["test_holds", "no_such_table"])
-    holds = described["test_holds"]
-    assert holds["exists"] and holds["primary_key"] == ["hold_no"]
-    assert holds["columns"]["expires_at"] == "timestamp with time zone"
-    assert "'expired'::text" in holds["checks"]["state"][0]
-    assert described["no_such_table"] == {"exists": False, "primary_key": [], "columns": {},
-                                          "checks": {}}
-
-
-async def test_missing_columns_make_a_condition_inactive_not_an_error(store: SqlStore,
-                                                                     db: psycopg.Connection) -> None:
+async def test_lean_pages_hold_what_the_v2_functions_answered(store: SqlStore,
+                                                              db: psycopg.Connection) -> None:
+    # Pages name their columns once; each row, rebuilt from them, is the row
+    # object the v2 functions answered: same rows, order, values and versions.
+    mark = parse_instant(db.execute("select clock_timestamp()").fetchone()[0])
     insert(db, "test_holds", hold(1))
-    query = query_json(QUERIES, "test_holds")
-    query["columns"].append("no_such_column")
-    query["conditions"] = [{**query["conditions"][0], "present": ["no_such_column"]}]
-    page = await store._call(store_calls().TRACKED_ROWS,
-                             {"p_query": query, "p_after": None, "p_limit": 10})
-    assert [r["hold_no"] for r in page] == []
+    insert(db, "test_holds", hold(2, expires_at=None, customer_id=None))
+    insert(db, "test_holds", hold(3, expires_at="infinity"))
+    insert(db, "test_holds", hold(4, expires_at=None))
+    db.execute("update public.test_holds set reminder_sent = true where hold_no = 1")
+    assert await all_tracked(store, "test_holds") == v2_rows(
+        db, "listener_tracked_rows_v2", "test_holds", None, 100)
+    changed = await store.changed_since("test_holds", mark, 100)
+    assert [r["hold_no"] for r in changed] == [2, 3, 4, 1]
+    assert changed == v2_rows(db, "listener_changed_rows_v2", "test_holds", format_instant(mark),
+                              100)
+    page = db.execute("select public.listener_tracked_rows_v3(%s::jsonb, null, 10)",
+                      (json.dumps(query_json(QUERIES, "test_holds")),)).fetchone()[0]
+    assert page["columns"][-1] == "_version" and "hold_no" in page["columns"]
+    assert all(isinstance(r, list) and len(r) == len(page["columns"]) for r in page["rows"])
 
 
-def store_calls() -> Any:
-    from listener.adapters import calls
-
-    return calls
-
-
-# ------------------------------------------------------------------- the watch
-
-
-async def test_notify_payloads_of_a_watched_table(store: SqlStore, database: str,
-                                                  db: psycopg.Connection) -> None:
-    async with await psycopg.AsyncConnection.connect(database, autocommit=True) as listen:
-        await listen.execute("LISTEN listener_changes")
-        insert(db, "test_holds", hold(1))
-        db.execute("update public.test_holds set state = 'confirmed' where hold_no = 1")
-        xid = db.execute("select xmin::text from public.test_holds where hold_no = 1").fetchone()[0]
-        db.execute("update public.test_holds set customer_id = null where hold_no = 1")
-        db.execute("delete from public.test_holds where hold_no = 1")
-        payloads = []
-        async for note in listen.notifies(timeout=2, stop_after=4):
-            payloads.append(note.payload)
-    first, second, _, deleted = (json.loads(p) for p in payloads)
-    assert first["type"] == "INSERT" and first["table"] == "test_holds"
-    assert set(first["record"]) == {"hold_no", "state", "customer_id", "mechanic_id",
-                                    "expires_at", "reminder_sent", "status_changed_at",
-                                    "_version"}
-    assert second["record"]["_version"] == xid and second["record"]["state"] == "confirmed"
-    assert deleted == {"type": "DELETE", "table": "test_holds", "old_record": {"hold_no": 1}}
-    change = change_from_notify(payloads[1], {"test_holds": "hold_no"})
-    assert (change.table, change.key, change.record["state"]) == ("test_holds", "1", "confirmed")
-
-
-async def test_status_changed_at_follows_the_declared_status_column(
-        store: SqlStore, db: psycopg.Connection) -> None:
-    insert(db, "test_holds", hold(1))
-    first = db.execute("select status_changed_at from public.test_holds").fetchone()[0]
-    db.execute("update public.test_holds set reminder_sent = true")
-    assert db.execute("select status_changed_at from public.test_holds").fetchone()[0] == first
-    await asyncio.sleep(0.01)
-    db.execute("update public.test_holds set state = 'confirmed'")
-    assert db.execute("select status_changed_at from public.test_holds").fetchone()[0] > first
-
-
-async def test_an_oversized_row_notifies_its_key_alone(store: SqlStore, database: str,
-                                                       db: psycopg.Connection) -> None:
-    db.execute("alter table public.test_holds drop constraint test_holds_state_check")
-    async with await psycopg.AsyncConnection.connect(database, autocommit=True) as listen:
-        await listen.execute("LISTEN listener_changes")
-        insert(db, "test_holds", hold(12, "x" * 9000))
-        note = await anext(listen.notifies(timeout=2, stop_after=1))
-    assert json.loads(note.payload) == {"type": "INSERT", "table": "test_holds", "key": "12",
-                                        "truncated": True}
-    change = change_from_notify(note.payload)
-    assert (change.table, change.key, change.record) == ("test_holds", "12", None)
-
-
-def test_fire_call_names_every_parameter() -> None:
-    assert FIRE.sql().startswith("select public.listener_fire_v2(p_table => %(p_table)s::text")
-    assert MINUTE == 60_000_000
+async def test_a_page_of_rows_with_more_columns_than_a_call_takes(database: str) -> None:
+    # json_build_array, like every function call, takes at most 100 arguments.
+    names = [f"c{i:03}" for i in range(150)]
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute("create table public.wide (id bigint primary key, state text, "
+                     "due timestamptz, " + ", ".join(f"{n} integer" for n in names) + ")")
+        conn.execute("insert into public.wide (id, state, due, " + ", ".join(names)
+                     + ") values (1, 'on', now(), " + ", ".join(str(i) for i in range(150)) + ")")
+    query = {"table": "wide", "key": "id", "status": "state",
+             "columns": ["id", "state", "due", *names],
+             "conditions": [{"rule": "r", "statuses": ["on"], "present": [], "absent": [],
+                             "anchors": [{"column": "due"}], "offset_us": 0,
+                             "horizon_us": None}]}
+    migrate.apply(database)
+    s = SqlStore(database, {}, min_size=1, max_size=1)
+    await s.open()
+    try:
+        row, = await s._call(TRACKED_ROWS, {"p_query": query, "p_after": None, "p_limit": 10})
+    finally:
+        await s.close()
+    assert [row[n] for n in names] == list(range(150))
+    assert (row["id"], row["state"], isinstance(row["_version"], str)) == (1, "on", True)
