@@ -25,7 +25,9 @@ from listener.store import (
 
 # Rows per page of a sweep. Each page is one JSON value, so PostgREST's
 # "Max rows" (which caps result rows, not the size of one value) does not cut it.
-PAGE = 1000
+# Planning a page's query costs a few milliseconds: at 1,000 rows a page that
+# was a third of the sweep's time in the database.
+PAGE = 5000
 MAX_PAGE = 50_000  # the functions' own cap
 
 
