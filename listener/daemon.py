@@ -13,6 +13,7 @@ endpoint reads, and the awaitable `DaemonEvents` tests and the demo wait on.
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 import socket
 import time
@@ -44,7 +45,11 @@ log = structlog.get_logger("listener.daemon")
 # A daemon whose next deadline is minutes away still wakes this often: long
 # single waits overshoot (timer slack), and a change may need it sooner.
 MAX_WAIT_S = 0.5
-WORKERS = 16
+# Workers acting on due timers, from one queue: a timer waits only for a free
+# worker, or for an earlier action on its own row (never for an unrelated
+# row's slow claim, as it did with a queue per worker). The store's pool
+# bounds how many claims run in the database at once.
+WORKERS = 32
 QUEUE_LIMIT = 100_000
 # The incremental read: every CATCH_UP_S, rows changed since the last one (less
 # CATCH_UP_OVERLAP, for transactions that commit after they stamped the row),
@@ -318,6 +323,8 @@ class Term:
         self._swept_once = False
         self._watermarks: dict[str, Instant] = {}
         self._background: set[asyncio.Task[Any]] = set()
+        # Rows a worker is acting on, with their timers that came due meanwhile.
+        self._acting: dict[tuple[str, str], collections.deque[tuple[Timer, Instant]]] = {}
         self._lost: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
 
     # -- the ChangeSink the source feeds ---------------------------------------------
@@ -353,18 +360,17 @@ class Term:
     async def serve(self, stop: asyncio.Event) -> None:
         self.readiness.source_subscribed = False  # set by the source once subscribed
         self.readiness.role = "active"
-        queues: list[asyncio.Queue[tuple[Timer, Instant] | None]] = [
-            asyncio.Queue() for _ in range(WORKERS)]
+        due: asyncio.Queue[tuple[Timer, Instant] | None] = asyncio.Queue()
         intake = [
             asyncio.create_task(self.daemon.source.run(self), name="source"),
             self._part("changes", self._consume_changes),
-            self._part("timers", lambda: self._timer_loop(queues)),
+            self._part("timers", lambda: self._timer_loop(due)),
             self._part("reconcile", self._reconcile_loop),
             self._part("catch-up", self._catch_up_loop),
         ]
         renewer = asyncio.create_task(self._renew(), name="lease")
-        workers = [asyncio.create_task(self._worker(q), name=f"worker-{i}")
-                   for i, q in enumerate(queues)]
+        workers = [asyncio.create_task(self._worker(due), name=f"worker-{i}")
+                   for i in range(WORKERS)]
         stopping = asyncio.create_task(stop.wait())
         try:
             done, _ = await asyncio.wait([stopping, self._lost, *intake],
@@ -381,8 +387,8 @@ class Term:
             await asyncio.gather(*intake, return_exceptions=True)
             # Let workers finish what they hold, then let effects in flight finish;
             # anything cut short stays `claimed` and the next holder resumes it.
-            for q in queues:
-                q.put_nowait(None)
+            for _ in workers:
+                due.put_nowait(None)
             grace = self.config.shutdown_grace_s
             await asyncio.wait([*workers, *self._background], timeout=grace)
             for task in [*workers, *self._background]:
@@ -446,12 +452,12 @@ class Term:
         if self._wake is not None and not self._wake.done():
             self._wake.set_result(None)
 
-    async def _timer_loop(self, queues: list[asyncio.Queue[tuple[Timer, Instant] | None]]) -> None:
+    async def _timer_loop(self, due_timers: asyncio.Queue[tuple[Timer, Instant] | None]) -> None:
         engine, clock, loop = self.engine, self.clock, asyncio.get_running_loop()
         while True:
             now = clock.now()
             while (timer := engine.pop_due(now)) is not None:
-                queues[hash(timer.key) % len(queues)].put_nowait((timer, now))
+                due_timers.put_nowait((timer, now))
             metrics.TIMERS_ARMED.set(engine.armed)
             metrics.SESSIONS_TRACKED.set(engine.tracked)
             due = engine.next_due()
@@ -464,13 +470,26 @@ class Term:
                 handle.cancel()
 
     async def _worker(self, queue: asyncio.Queue[tuple[Timer, Instant] | None]) -> None:
+        """Act on due timers; the actions of one row one after another, in order."""
+        acting = self._acting
         while (item := await queue.get()) is not None:
-            timer, fired_at = item
+            row = (item[0].table, item[0].key)
+            later = acting.get(row)
+            if later is not None:
+                later.append(item)  # the worker acting on this row takes it next
+                continue
+            acting[row] = later = collections.deque()
             try:
-                await self.executor.run(timer, fired_at)
+                while True:
+                    await self.executor.run(*item)
+                    if not later:
+                        break
+                    item = later.popleft()
             except Fenced as exc:
                 self._lose(exc)
                 return
+            finally:
+                del acting[row]
 
     async def _consume_changes(self) -> None:
         changes = self._changes
