@@ -33,7 +33,7 @@ from listener.instants import HOUR, SECOND, Instant
 from listener.ops import Readiness
 from listener.errors import is_transient
 from listener.retry import Backoff
-from listener.rows import BadRow, key_text
+from listener.rows import BadRow, RowState, key_text
 from listener.supervision import supervise, unavailable
 from listener.rules.model import RuleSet
 from listener.rules.query import TableQuery
@@ -700,7 +700,8 @@ class Term:
         self._poke()
         return drift
 
-    async def _reconcile_row(self, table: str, key: str, row: dict[str, Any], known: Any) -> int:
+    async def _reconcile_row(self, table: str, key: str, row: dict[str, Any],
+                             known: RowState) -> int:
         """Bring memory in line with a tracked row it holds at another version;
         1 when memory had it wrong."""
         engine = self.engine
