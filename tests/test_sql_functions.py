@@ -315,3 +315,99 @@ async def test_a_page_of_rows_with_more_columns_than_a_call_takes(database: str)
         await s.close()
     assert [row[n] for n in names] == list(range(150))
     assert (row["id"], row["state"], isinstance(row["_version"], str)) == (1, "on", True)
+
+
+async def test_contacts_by_declared_columns(store: SqlStore, db: psycopg.Connection) -> None:
+    insert(db, "test_holds", hold(1, mechanic_id=MECHANIC))
+    insert(db, "test_holds", hold(2, mechanic_id=MECHANIC_NO_EMAIL))
+    insert(db, "test_holds", hold(3, customer_id=None))
+    one = await store.contacts("test_holds", "1")
+    assert one["customer"].email == "cust@example.com" and one["customer"].name == "Cus Tomer"
+    assert one["mechanic"].email == "mech@example.com" and one["mechanic"].name == "Mec Hanic"
+    assert "helper" not in one and "support" not in one  # no such column; no column at all
+    # The first source without an email falls through to the next.
+    assert (await store.contacts("test_holds", "2"))["mechanic"].email == "cust@example.com"
+    assert await store.contacts("test_holds", "3") == {}
+    assert await store.contacts("test_holds", "404") == {}
+
+
+async def test_describe_tables(store: SqlStore) -> None:
+    described = await store.describe(["test_holds", "no_such_table"])
+    holds = described["test_holds"]
+    assert holds["exists"] and holds["primary_key"] == ["hold_no"]
+    assert holds["columns"]["expires_at"] == "timestamp with time zone"
+    assert "'expired'::text" in holds["checks"]["state"][0]
+    assert described["no_such_table"] == {"exists": False, "primary_key": [], "columns": {},
+                                          "checks": {}}
+
+
+async def test_missing_columns_make_a_condition_inactive_not_an_error(store: SqlStore,
+                                                                     db: psycopg.Connection) -> None:
+    insert(db, "test_holds", hold(1))
+    query = query_json(QUERIES, "test_holds")
+    query["columns"].append("no_such_column")
+    query["conditions"] = [{**query["conditions"][0], "present": ["no_such_column"]}]
+    page = await store._call(store_calls().TRACKED_ROWS,
+                             {"p_query": query, "p_after": None, "p_limit": 10})
+    assert [r["hold_no"] for r in page] == []
+
+
+def store_calls() -> Any:
+    from listener.adapters import calls
+
+    return calls
+
+
+# ------------------------------------------------------------------- the watch
+
+
+async def test_notify_payloads_of_a_watched_table(store: SqlStore, database: str,
+                                                  db: psycopg.Connection) -> None:
+    async with await psycopg.AsyncConnection.connect(database, autocommit=True) as listen:
+        await listen.execute("LISTEN listener_changes")
+        insert(db, "test_holds", hold(1))
+        db.execute("update public.test_holds set state = 'confirmed' where hold_no = 1")
+        xid = db.execute("select xmin::text from public.test_holds where hold_no = 1").fetchone()[0]
+        db.execute("update public.test_holds set customer_id = null where hold_no = 1")
+        db.execute("delete from public.test_holds where hold_no = 1")
+        payloads = []
+        async for note in listen.notifies(timeout=2, stop_after=4):
+            payloads.append(note.payload)
+    first, second, _, deleted = (json.loads(p) for p in payloads)
+    assert first["type"] == "INSERT" and first["table"] == "test_holds"
+    assert set(first["record"]) == {"hold_no", "state", "customer_id", "mechanic_id",
+                                    "expires_at", "reminder_sent", "status_changed_at",
+                                    "_version"}
+    assert second["record"]["_version"] == xid and second["record"]["state"] == "confirmed"
+    assert deleted == {"type": "DELETE", "table": "test_holds", "old_record": {"hold_no": 1}}
+    change = change_from_notify(payloads[1], {"test_holds": "hold_no"})
+    assert (change.table, change.key, change.record["state"]) == ("test_holds", "1", "confirmed")
+
+
+async def test_status_changed_at_follows_the_declared_status_column(
+        store: SqlStore, db: psycopg.Connection) -> None:
+    insert(db, "test_holds", hold(1))
+    first = db.execute("select status_changed_at from public.test_holds").fetchone()[0]
+    db.execute("update public.test_holds set reminder_sent = true")
+    assert db.execute("select status_changed_at from public.test_holds").fetchone()[0] == first
+    await asyncio.sleep(0.01)
+    db.execute("update public.test_holds set state = 'confirmed'")
+    assert db.execute("select status_changed_at from public.test_holds").fetchone()[0] > first
+
+
+async def test_an_oversized_row_notifies_its_key_alone(store: SqlStore, database: str,
+                                                       db: psycopg.Connection) -> None:
+    db.execute("alter table public.test_holds drop constraint test_holds_state_check")
+    async with await psycopg.AsyncConnection.connect(database, autocommit=True) as listen:
+        await listen.execute("LISTEN listener_changes")
+        insert(db, "test_holds", hold(12, "x" * 9000))
+        note = await anext(listen.notifies(timeout=2, stop_after=1))
+    assert json.loads(note.payload) == {"type": "INSERT", "table": "test_holds", "key": "12",
+                                        "truncated": True}
+    change = change_from_notify(note.payload)
+    assert (change.table, change.key, change.record) == ("test_holds", "12", None)
+
+
+def test_fire_call_names_every_parameter() -> None:
+    assert FIRE.sql().startswith("select public.listener_fire_v2(p_table => %(p_table)s::text")
+    assert MINUTE == 60_000_000
