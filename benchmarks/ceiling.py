@@ -9,7 +9,12 @@ row per transaction, paced to the rate; each records its transaction id
 (the row version the NOTIFY carries) and the wall time the commit returned.
 The daemon is the real one (composition root, SqlStore + NotifySource); the
 time a row version is armed is when Term._upsert has applied it to the
-engine. The backlog is the daemon's change queue, sampled every 50 ms.
+engine. Commit to armed is split at the instant the daemon took the change
+from its source (Term.put): before it, the database's NOTIFY and the
+operating system; after it, the daemon. The backlog is the daemon's change
+queue, sampled every 50 ms; the daemon's CPU time per change is its process's
+(the writers run in processes of their own); the load average is the
+machine's at the end of each rate.
 """
 from __future__ import annotations
 
@@ -109,7 +114,8 @@ def _writer(conninfo: str, first_slot: int, connections: int, rate: float, secon
 
 
 async def one_rate(daemon, conninfo: str, rate: int, seconds: float, writers: int,  # type: ignore[no-untyped-def]
-                   armed: dict[tuple[str, str, str], float], slot_base: int) -> dict:
+                   armed: dict[tuple[str, str, str], float],
+                   received: dict[tuple[str, str, str], float], slot_base: int) -> dict:
     processes = max(1, min(writers // 8, os.cpu_count() or 1))
     per_process = max(1, writers // processes)
     per_connection = rate / (processes * per_process)
@@ -119,6 +125,7 @@ async def one_rate(daemon, conninfo: str, rate: int, seconds: float, writers: in
                                                per_process, per_connection, seconds, files[p]))
              for p in range(processes)]
     backlog: list[int] = []
+    cpu = time.process_time()
     for proc in procs:
         proc.start()
     loop = asyncio.get_running_loop()
@@ -130,16 +137,24 @@ async def one_rate(daemon, conninfo: str, rate: int, seconds: float, writers: in
         backlog.append(daemon.term._changes.qsize())
         await asyncio.sleep(0.05)
     await asyncio.sleep(0.5)
+    cpu = time.process_time() - cpu
+    load = os.getloadavg()[0]
     commits: list[tuple[str, str, str, float]] = []
     for path in files:
         with open(path, "rb") as fh:
             commits += pickle.load(fh)
         os.unlink(path)
     latencies = [(armed[(t, k, v)] - at) * 1000 for t, k, v, at in commits if (t, k, v) in armed]
+    to_daemon = [(received[(t, k, v)] - at) * 1000 for t, k, v, at in commits
+                 if (t, k, v) in received]
+    in_daemon = [(armed[c] - received[c]) * 1000 for c in (tuple(x[:3]) for x in commits)
+                 if c in armed and c in received]
     span = max(c[3] for c in commits) - min(c[3] for c in commits) if commits else 1
     return {"rate": rate, "achieved": len(commits) / max(span, 1e-9), "commits": len(commits),
             "missing": len(commits) - len(latencies), "p50": pct(latencies, 50),
             "p99": pct(latencies, 99), "max": max(latencies, default=float("nan")),
+            "to_daemon_p99": pct(to_daemon, 99), "in_daemon_p99": pct(in_daemon, 99),
+            "cpu_us_per_change": cpu / max(1, len(commits)) * 1e6, "load": load,
             "backlog_max": max(backlog, default=0),
             "backlog_mean": statistics.fmean(backlog) if backlog else 0}
 
@@ -154,7 +169,15 @@ async def main() -> None:
     args = parser.parse_args()
     configure_logging("WARNING")
     armed: dict[tuple[str, str, str], float] = {}
+    received: dict[tuple[str, str, str], float] = {}
     upsert = daemon_module.Term._upsert
+    put = daemon_module.Term.put
+
+    def timed_put(self, change):  # type: ignore[no-untyped-def]
+        if change.record is not None and change.record.get("_version") is not None:
+            received.setdefault((change.table, change.key, change.record["_version"]),
+                                time.time())
+        return put(self, change)
 
     def timed_upsert(self, table, key, row):  # type: ignore[no-untyped-def]
         result = upsert(self, table, key, row)
@@ -164,6 +187,7 @@ async def main() -> None:
         return result
 
     daemon_module.Term._upsert = timed_upsert  # type: ignore[method-assign]
+    daemon_module.Term.put = timed_put  # type: ignore[method-assign]
     profiler = None
     if args.profile:
         import cProfile
@@ -177,16 +201,19 @@ async def main() -> None:
                 profiler.enable()
             for n, rate in enumerate(int(r) for r in args.rates.split(",")):
                 results.append(await one_rate(daemon, conninfo, rate, args.seconds,
-                                              args.writers, armed, n * 100))
+                                              args.writers, armed, received, n * 100))
                 print(f"  {rate}/s: {results[-1]}", file=sys.stderr, flush=True)
             if profiler is not None:
                 profiler.disable()
                 profiler.dump_stats(args.profile)
     rows = [("target rate (changes/s)", "achieved", "commit to armed p50 / p99 / max (ms)",
+             "p99 to daemon / in daemon (ms)", "daemon CPU per change (us)", "load",
              "backlog max / mean", "not armed", "release 1", "target")]
     for r in results:
         rows.append((f"{r['rate']:,}", f"{r['achieved']:,.0f}",
                      f"{r['p50']:.1f} / {r['p99']:.1f} / {r['max']:.1f}",
+                     f"{r['to_daemon_p99']:.1f} / {r['in_daemon_p99']:.1f}",
+                     f"{r['cpu_us_per_change']:.0f}", f"{r['load']:.1f}",
                      f"{r['backlog_max']:,} / {r['backlog_mean']:,.0f}", f"{r['missing']:,}",
                      "p50 1.5, p99 1.7 (single commits)",
                      "p99 <= 100 at 2,000/s" if r["rate"] == 2000 else ""))

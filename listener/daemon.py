@@ -13,15 +13,17 @@ endpoint reads, and the awaitable `DaemonEvents` tests and the demo wait on.
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 import socket
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 import structlog
 
-from listener import metrics
+from listener import collector, metrics
 from listener.changes import Change, ChangeType
 from listener.clock import Clock
 from listener.effects import EventPublisher
@@ -31,7 +33,7 @@ from listener.instants import HOUR, SECOND, Instant
 from listener.ops import Readiness
 from listener.errors import is_transient
 from listener.retry import Backoff
-from listener.rows import BadRow, key_text
+from listener.rows import BadRow, RowState, key_text
 from listener.supervision import supervise, unavailable
 from listener.rules.model import RuleSet
 from listener.rules.query import TableQuery
@@ -43,7 +45,11 @@ log = structlog.get_logger("listener.daemon")
 # A daemon whose next deadline is minutes away still wakes this often: long
 # single waits overshoot (timer slack), and a change may need it sooner.
 MAX_WAIT_S = 0.5
-WORKERS = 16
+# Workers acting on due timers, from one queue: a timer waits only for a free
+# worker, or for an earlier action on its own row (never for an unrelated
+# row's slow claim, as it did with a queue per worker). The store's pool
+# bounds how many claims run in the database at once.
+WORKERS = 32
 QUEUE_LIMIT = 100_000
 # The incremental read: every CATCH_UP_S, rows changed since the last one (less
 # CATCH_UP_OVERLAP, for transactions that commit after they stamped the row),
@@ -52,6 +58,10 @@ QUEUE_LIMIT = 100_000
 CATCH_UP_S = 2.0
 CATCH_UP_OVERLAP = 3 * SECOND
 CATCH_UP_PAGE = 2000
+# Long work on the event loop (sweep and catch-up pages, a backlog of
+# changes) hands the loop back after this long, so a timer due meanwhile is
+# popped at most about this late.
+SLICE_S = 0.002
 # A timer whose action raised is handed back after this long.
 GIVE_BACK_TRANSIENT_S = 1.0
 GIVE_BACK_BUG_S = 30.0
@@ -72,6 +82,26 @@ class DaemonConfig:
 
 class LeaseLost(Exception):
     pass
+
+
+class Slices:
+    """Time slices of one long loop on the event loop: `over()` is cheap enough
+    to ask after every row; `yield_now()` lets other tasks run and starts a
+    new slice."""
+
+    def __init__(self, length_s: float = SLICE_S) -> None:
+        self.length_s = length_s
+        self.ends = time.perf_counter() + length_s
+
+    def restart(self) -> None:
+        self.ends = time.perf_counter() + self.length_s
+
+    def over(self) -> bool:
+        return time.perf_counter() >= self.ends
+
+    async def yield_now(self) -> None:
+        await asyncio.sleep(0)
+        self.restart()
 
 
 class DaemonEvents:
@@ -293,6 +323,8 @@ class Term:
         self._swept_once = False
         self._watermarks: dict[str, Instant] = {}
         self._background: set[asyncio.Task[Any]] = set()
+        # Rows a worker is acting on, with their timers that came due meanwhile.
+        self._acting: dict[tuple[str, str], collections.deque[tuple[Timer, Instant]]] = {}
         self._lost: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
 
     # -- the ChangeSink the source feeds ---------------------------------------------
@@ -328,18 +360,17 @@ class Term:
     async def serve(self, stop: asyncio.Event) -> None:
         self.readiness.source_subscribed = False  # set by the source once subscribed
         self.readiness.role = "active"
-        queues: list[asyncio.Queue[tuple[Timer, Instant] | None]] = [
-            asyncio.Queue() for _ in range(WORKERS)]
+        due: asyncio.Queue[tuple[Timer, Instant] | None] = asyncio.Queue()
         intake = [
             asyncio.create_task(self.daemon.source.run(self), name="source"),
             self._part("changes", self._consume_changes),
-            self._part("timers", lambda: self._timer_loop(queues)),
+            self._part("timers", lambda: self._timer_loop(due)),
             self._part("reconcile", self._reconcile_loop),
             self._part("catch-up", self._catch_up_loop),
         ]
         renewer = asyncio.create_task(self._renew(), name="lease")
-        workers = [asyncio.create_task(self._worker(q), name=f"worker-{i}")
-                   for i, q in enumerate(queues)]
+        workers = [asyncio.create_task(self._worker(due), name=f"worker-{i}")
+                   for i in range(WORKERS)]
         stopping = asyncio.create_task(stop.wait())
         try:
             done, _ = await asyncio.wait([stopping, self._lost, *intake],
@@ -356,8 +387,8 @@ class Term:
             await asyncio.gather(*intake, return_exceptions=True)
             # Let workers finish what they hold, then let effects in flight finish;
             # anything cut short stays `claimed` and the next holder resumes it.
-            for q in queues:
-                q.put_nowait(None)
+            for _ in workers:
+                due.put_nowait(None)
             grace = self.config.shutdown_grace_s
             await asyncio.wait([*workers, *self._background], timeout=grace)
             for task in [*workers, *self._background]:
@@ -370,6 +401,8 @@ class Term:
                 await self.daemon.lease.release(self.fence)
             metrics.LEASE_HELD.set(0)
             metrics.TIMERS_ARMED.set(0)
+            # This term's engine goes: what its first sweep set aside may be collected.
+            collector.release_loaded()
         if self._lost.done() and not stop.is_set():
             raise LeaseLost(str(self._lost.result()))
 
@@ -419,12 +452,12 @@ class Term:
         if self._wake is not None and not self._wake.done():
             self._wake.set_result(None)
 
-    async def _timer_loop(self, queues: list[asyncio.Queue[tuple[Timer, Instant] | None]]) -> None:
+    async def _timer_loop(self, due_timers: asyncio.Queue[tuple[Timer, Instant] | None]) -> None:
         engine, clock, loop = self.engine, self.clock, asyncio.get_running_loop()
         while True:
             now = clock.now()
             while (timer := engine.pop_due(now)) is not None:
-                queues[hash(timer.key) % len(queues)].put_nowait((timer, now))
+                due_timers.put_nowait((timer, now))
             metrics.TIMERS_ARMED.set(engine.armed)
             metrics.SESSIONS_TRACKED.set(engine.tracked)
             due = engine.next_due()
@@ -437,38 +470,68 @@ class Term:
                 handle.cancel()
 
     async def _worker(self, queue: asyncio.Queue[tuple[Timer, Instant] | None]) -> None:
+        """Act on due timers; the actions of one row one after another, in order."""
+        acting = self._acting
         while (item := await queue.get()) is not None:
-            timer, fired_at = item
+            row = (item[0].table, item[0].key)
+            later = acting.get(row)
+            if later is not None:
+                later.append(item)  # the worker acting on this row takes it next
+                continue
+            acting[row] = later = collections.deque()
             try:
-                await self.executor.run(timer, fired_at)
+                while True:
+                    await self.executor.run(*item)
+                    if not later:
+                        break
+                    item = later.popleft()
             except Fenced as exc:
                 self._lose(exc)
                 return
+            finally:
+                del acting[row]
 
     async def _consume_changes(self) -> None:
+        changes = self._changes
+        slices = Slices()
         while True:
-            change = await self._changes.get()
+            if changes.empty():
+                change = await changes.get()
+                slices.restart()
+            else:
+                # A backlog is taken without a wait per change, in time slices.
+                change = changes.get_nowait()
             try:
-                await self._apply(change)
+                if not self._apply_now(change):
+                    await self._apply_read(change)
             except Exception as exc:  # noqa: BLE001 - one bad change must not stop intake
                 self.bad_input("change", repr(exc), change.table, change.key)
+            if slices.over():
+                await slices.yield_now()
 
-    async def _apply(self, change: Change) -> None:
+    def _apply_now(self, change: Change) -> bool:
+        """Apply a change that carries what it needs; False when the row must be
+        read first (the NOTIFY had no room for it)."""
         engine = self.engine
         if not engine.watches(change.table):
             self.bad_input("unknown_table", "a change of a table no rule reads: ignored",
                            change.table, change.key)
-            return
+            return True
         if change.type == ChangeType.DELETE:
             engine.delete(change.table, change.key)
             self._poke()
-            return
-        row = change.record
+            return True
+        if change.record is None:
+            return False
+        self._upsert(change.table, change.key, change.record)
+        self._poke()
+        return True
+
+    async def _apply_read(self, change: Change) -> None:
+        row = await self.store.read_row(change.table, change.key)
         if row is None:
-            row = await self.store.read_row(change.table, change.key)
-            if row is None:
-                engine.delete(change.table, change.key)
-                return
+            self.engine.delete(change.table, change.key)
+            return
         self._upsert(change.table, change.key, row)
         self._poke()
 
@@ -530,6 +593,7 @@ class Term:
 
         engine = self.engine
         found = 0
+        slices = Slices()
         for table in self.sweep_order:
             since = self._watermarks.get(table)
             if since is None:
@@ -549,7 +613,10 @@ class Term:
                     if stamp is not None:
                         newest = max(newest, stamp)
                         break
+                slices.restart()
                 for row in rows:
+                    if slices.over():
+                        await slices.yield_now()
                     key = self._key_of(table, row)
                     if key is None:
                         continue
@@ -572,9 +639,19 @@ class Term:
     async def reconcile(self) -> int:
         """Reload every row the rules care about, re-arm, resume unfinished claims.
         Returns the drift: rows memory had wrong (after the first sweep)."""
+        if self._swept_once:
+            return await self._reconcile()
+        # The first sweep loads every tracked row: see listener.collector.
+        with collector.paused():
+            drift = await self._reconcile()
+            collector.keep_loaded()
+        return drift
+
+    async def _reconcile(self) -> int:
         engine, executor = self.engine, self.executor
         drift = 0
         count = 0
+        slices = Slices()
         # Rows changed from a little before this sweep on are the incremental
         # read's (the sweep's snapshot may miss them); older ones are the sweep's.
         started = self.clock.now() - 10 * SECOND
@@ -582,11 +659,23 @@ class Term:
             self._watermarks.setdefault(table, started)
             seen: set[str] = set()
             async for page in self.store.tracked_pages(table):
+                slices.restart()
+                count += len(page)
                 for row in page:
-                    count += 1
-                    drift += await self._reconcile_row(table, row, seen)
-                    if count % 500 == 0:
-                        await asyncio.sleep(0)  # keep the timer loop on time
+                    if slices.over():
+                        await slices.yield_now()  # keep the timer loop on time
+                    key = self._key_of(table, row)
+                    if key is None:
+                        continue
+                    seen.add(key)
+                    known = engine.row(table, key)
+                    if known is None:
+                        armed = self._upsert(table, key, row)
+                        # Drift: a row memory lacked (a change the source never delivered).
+                        drift += int(self._swept_once and armed > 0)
+                    elif known._version is None or known._version != row.get("_version"):
+                        drift += await self._reconcile_row(table, key, row, known)
+                    # else memory already holds this version of the row
             for key in [k for k in engine.keys(table) if k not in seen]:
                 row = await self.store.read_row(table, key)
                 if row is None:
@@ -611,19 +700,13 @@ class Term:
         self._poke()
         return drift
 
-    async def _reconcile_row(self, table: str, row: dict[str, Any], seen: set[str]) -> int:
-        """Bring memory in line with one tracked row; 1 when memory had it wrong."""
+    async def _reconcile_row(self, table: str, key: str, row: dict[str, Any],
+                             known: RowState) -> int:
+        """Bring memory in line with a tracked row it holds at another version;
+        1 when memory had it wrong."""
         engine = self.engine
-        key = self._key_of(table, row)
-        if key is None:
-            return 0
-        seen.add(key)
-        known = engine.row(table, key)
-        if known is not None and known._version is not None \
-                and known._version == row.get("_version"):
-            return 0  # memory already holds this version of the row
         differs = False
-        if known is not None and table in engine.tables:
+        if table in engine.tables:
             try:
                 fresh = engine.parse(table, row, self.clock.now())
             except BadRow as exc:
@@ -637,9 +720,9 @@ class Term:
                     differs = not engine.parse(table, row, self.clock.now()).same_facts(known)
                 except BadRow:
                     differs = True  # _upsert below reports it
-        armed = self._upsert(table, key, row)
+        self._upsert(table, key, row)
         # Drift: memory was wrong about a row (a change the source never delivered).
-        return int(self._swept_once and (differs or (known is None and armed > 0)))
+        return int(self._swept_once and differs)
 
     def _key_of(self, table: str, row: Any) -> str | None:
         column = self.queries[table].key

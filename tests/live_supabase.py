@@ -21,7 +21,7 @@ from tests.servers.postgrest_server import SERVICE_ROLE_KEY, SupabaseStack, setu
 # The migrations whose grants name the API roles: re-run once the roles exist
 # (each file is idempotent: `create ... if not exists`, `create or replace`).
 GRANTING = ("0002_ledger_and_lease.sql", "0006_rows_of_any_table.sql", "0007_email_batches.sql",
-            "0008_report.sql", "0009_audit.sql")
+            "0008_report.sql", "0009_audit.sql", "0010_lean_row_pages.sql")
 
 
 async def prepare_supabase_database(conninfo: str) -> None:

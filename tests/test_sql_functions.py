@@ -11,10 +11,10 @@ import psycopg
 import pytest
 
 from listener import migrate
-from listener.adapters.calls import FIRE, query_json
+from listener.adapters.calls import FIRE, TRACKED_ROWS, query_json
 from listener.adapters.source_notify import change_from_notify
 from listener.adapters.store_sql import SqlStore
-from listener.instants import MINUTE, parse_instant
+from listener.instants import MINUTE, format_instant, parse_instant
 from listener.store import (
     CLAIMED, CONFLICT, DONE, FENCED, MISSING, STALE, ActionKey, Fence, FireRequest, all_tracked)
 from tests.sql_tables import (
@@ -263,6 +263,58 @@ async def test_changed_rows_are_the_incremental_read(store: SqlStore,
         "explain select * from public.test_holds where listener_changed_at >= now() "
         "order by listener_changed_at limit 10").fetchall()
     assert "listener_changed_at" in " ".join(r[0] for r in plan)
+
+
+def v2_rows(db: psycopg.Connection, function: str, table: str, arg: Any, limit: int) -> Any:
+    """The same read through the release-2 function (one jsonb object per row)."""
+    return db.execute(f"select public.{function}(%s::jsonb, %s, %s)",
+                      (json.dumps(query_json(QUERIES, table)), arg, limit)).fetchone()[0]
+
+
+async def test_lean_pages_hold_what_the_v2_functions_answered(store: SqlStore,
+                                                              db: psycopg.Connection) -> None:
+    # Pages name their columns once; each row, rebuilt from them, is the row
+    # object the v2 functions answered: same rows, order, values and versions.
+    mark = parse_instant(db.execute("select clock_timestamp()").fetchone()[0])
+    insert(db, "test_holds", hold(1))
+    insert(db, "test_holds", hold(2, expires_at=None, customer_id=None))
+    insert(db, "test_holds", hold(3, expires_at="infinity"))
+    insert(db, "test_holds", hold(4, expires_at=None))
+    db.execute("update public.test_holds set reminder_sent = true where hold_no = 1")
+    assert await all_tracked(store, "test_holds") == v2_rows(
+        db, "listener_tracked_rows_v2", "test_holds", None, 100)
+    changed = await store.changed_since("test_holds", mark, 100)
+    assert [r["hold_no"] for r in changed] == [2, 3, 4, 1]
+    assert changed == v2_rows(db, "listener_changed_rows_v2", "test_holds", format_instant(mark),
+                              100)
+    page = db.execute("select public.listener_tracked_rows_v3(%s::jsonb, null, 10)",
+                      (json.dumps(query_json(QUERIES, "test_holds")),)).fetchone()[0]
+    assert page["columns"][-1] == "_version" and "hold_no" in page["columns"]
+    assert all(isinstance(r, list) and len(r) == len(page["columns"]) for r in page["rows"])
+
+
+async def test_a_page_of_rows_with_more_columns_than_a_call_takes(database: str) -> None:
+    # json_build_array, like every function call, takes at most 100 arguments.
+    names = [f"c{i:03}" for i in range(150)]
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute("create table public.wide (id bigint primary key, state text, "
+                     "due timestamptz, " + ", ".join(f"{n} integer" for n in names) + ")")
+        conn.execute("insert into public.wide (id, state, due, " + ", ".join(names)
+                     + ") values (1, 'on', now(), " + ", ".join(str(i) for i in range(150)) + ")")
+    query = {"table": "wide", "key": "id", "status": "state",
+             "columns": ["id", "state", "due", *names],
+             "conditions": [{"rule": "r", "statuses": ["on"], "present": [], "absent": [],
+                             "anchors": [{"column": "due"}], "offset_us": 0,
+                             "horizon_us": None}]}
+    migrate.apply(database)
+    s = SqlStore(database, {}, min_size=1, max_size=1)
+    await s.open()
+    try:
+        row, = await s._call(TRACKED_ROWS, {"p_query": query, "p_after": None, "p_limit": 10})
+    finally:
+        await s.close()
+    assert [row[n] for n in names] == list(range(150))
+    assert (row["id"], row["state"], isinstance(row["_version"], str)) == (1, "on", True)
 
 
 async def test_contacts_by_declared_columns(store: SqlStore, db: psycopg.Connection) -> None:

@@ -202,7 +202,7 @@ async def test_rpc_answers_like_sql(prepared: str) -> None:
         assert step_memory == step_rpc
     assert len(memory) == len(rpc)
     assert rpc_changes == [31, 33, 32, 2]
-    assert {"listener_fire_v2", "listener_tracked_rows_v2", "listener_changed_rows_v2",
+    assert {"listener_fire_v2", "listener_tracked_rows_v3", "listener_changed_rows_v3",
             "listener_contacts_v2", "listener_complete_v2"} <= called
 
 

@@ -142,7 +142,7 @@ async def test_rows_changed_in_postgres_fire_through_realtime_and_rpc(
         frames = [f for _, f in stack.realtime.frames_out if f["event"] == "postgres_changes"]
         assert any(f["payload"]["data"]["errors"] for f in frames)  # the 413 did happen
     calls = {c.function for c in stack.rest.calls}
-    assert {"listener_lease_acquire", "listener_lease_renew", "listener_tracked_rows_v2",
+    assert {"listener_lease_acquire", "listener_lease_renew", "listener_tracked_rows_v3",
             "listener_read_row_v2", "listener_fire_v2", "listener_complete_v2",
             "listener_contacts_v2", "listener_unfinished_claims_v2",
             "listener_lease_release"} <= calls
@@ -282,7 +282,7 @@ async def test_changes_dropped_while_away_are_found_by_the_sweep(
 async def test_changes_dropped_while_subscribed_are_found_by_the_incremental_read(
         database: str, stack: SupabaseStack, tmp_path: Path) -> None:
     # The stream looks healthy and loses changes: no reconnect, so no sweep; the
-    # incremental read (listener_changed_rows_v2) finds the rows within seconds.
+    # incremental read (listener_changed_rows_v3) finds the rows within seconds.
     async with LiveSupabaseDaemon(stack, tmp_path) as live:
         await live.active()
         sweeps = live.daemon.events.sweeps
@@ -292,7 +292,7 @@ async def test_changes_dropped_while_subscribed_are_found_by_the_incremental_rea
         await all_fired(database, lost)
         assert_each_fired_once(database, tmp_path, live, lost)
         assert live.source.reconnects == 0 and live.daemon.events.sweeps == sweeps
-    assert any(c.function == "listener_changed_rows_v2" for c in stack.rest.calls)
+    assert any(c.function == "listener_changed_rows_v3" for c in stack.rest.calls)
 
 
 async def test_every_change_delivered_twice(database: str, stack: SupabaseStack,
