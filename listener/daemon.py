@@ -309,6 +309,8 @@ class Term:
         self.readiness = daemon.readiness
         self.events = daemon.events
         self.queries = daemon.queries
+        # The store may know which keys each table can hold (its key column's type).
+        self._key_fits = getattr(daemon.store, "key_fits", None)
         # Children first: a parent's deadline counts its children's sums, and a
         # parent armed before them would fire too early while the sweep runs.
         self.sweep_order = sorted(self.queries, key=lambda t: self.queries[t].parent is None)
@@ -516,6 +518,12 @@ class Term:
         if not engine.watches(change.table):
             self.bad_input("unknown_table", "a change of a table no rule reads: ignored",
                            change.table, change.key)
+            return True
+        if self._key_fits is not None and not self._key_fits(change.table, change.key):
+            # A real change always names a key its table can hold; acting on this
+            # one would fail on the cast in every call, again and again.
+            self.bad_input("row", f"the key column of {change.table} cannot hold this key: "
+                           "no row has it", change.table, change.key)
             return True
         if change.type == ChangeType.DELETE:
             engine.delete(change.table, change.key)

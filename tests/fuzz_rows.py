@@ -258,3 +258,106 @@ def realtime_payloads(draw: st.DrawFn, shape: RowShape = SESSIONS) -> Any:
         st.just({"ids": [1], "data": data}),
         st.just({"data": "not an object"}), st.just({"ids": [1]}), st.just({}),
         st.none(), st.just([data]), st.text(max_size=50)))
+
+
+# --------------------------------------------------------------------------- rows PostgreSQL stores
+
+# timestamptz values PostgreSQL accepts at its edges: the infinities, its first
+# and last instants, years before Python's datetime or beyond it, local mean
+# time offsets. What it refuses (bad text) never becomes a row.
+STORABLE_TIMESTAMPS = (
+    "infinity", "-infinity",
+    "4714-11-24 00:00:00+00 BC", "4713-01-01 00:00:00+00 BC", "0001-01-01 00:00:00+00 BC",
+    "0001-01-01 00:00:00+00", "1739-12-31 23:59:59+00", "1800-01-01 05:53:28+05:53:28",
+    "2199-12-31 23:59:59+00", "9999-12-31 23:59:59.999999+00", "10000-01-01 00:00:00+00",
+    "294276-12-31 00:00:00+00", "294276-12-31 23:59:59.999999+00",
+)
+# The statuses the reference schema's CHECK on sessions allows.
+SESSION_STATUSES = ("pending", "scheduled", "waiting", "live", "completed", "cancelled",
+                    "expired", "refunded", "archived", "unattended")
+SESSION_TIMESTAMPS = ("created_at", "updated_at", "status_changed_at", "scheduled_for",
+                      "started_at", "ended_at", "cancelled_at", "expires_at",
+                      "summary_submitted_at")
+NOT_NULL_TIMESTAMPS = ("created_at", "updated_at")
+
+
+def no_deadline(text: str | None) -> bool:
+    """Whether a stored timestamp is one the daemon must refuse as a deadline:
+    infinite, BC, or outside the years 1740 to 2199 (what instants may hold)."""
+    if text is None:
+        return False
+    if text in ("infinity", "-infinity") or text.endswith(" BC"):
+        return True
+    year = int(text.split("-", 1)[0])
+    return not 1740 <= year < 2200
+
+
+def storable_timestamps(nullable: bool = True) -> st.SearchStrategy[str | None]:
+    ordinary = st.datetimes(min_value=datetime(1971, 1, 1), max_value=datetime(2100, 1, 1),
+                            timezones=st.just(timezone.utc)).map(lambda d: d.isoformat())
+    recent = st.integers(-3 * 86_400, 3 * 86_400).map(
+        lambda s: (datetime.now(timezone.utc) + timedelta(seconds=s)).isoformat())
+    values = st.one_of(st.sampled_from(STORABLE_TIMESTAMPS), st.sampled_from(STORABLE_TIMESTAMPS),
+                       ordinary, recent)
+    return values | st.none() if nullable else values
+
+
+def _storable(value: Any) -> Any:
+    """`value` as jsonb takes it: no NUL characters, no lone surrogates."""
+    if isinstance(value, str):
+        return value.replace("\x00", "").encode("utf-8", "ignore").decode()
+    if isinstance(value, list):
+        return [_storable(v) for v in value]
+    if isinstance(value, dict):
+        return {_storable(k): _storable(v) for k, v in value.items()}
+    return value
+
+
+@dataclass(frozen=True)
+class JsonText:
+    """jsonb given as its text (too deep for Python's encoder to build)."""
+
+    text: str
+
+
+def storable_metadata() -> st.SearchStrategy[Any]:
+    """jsonb `metadata` as the app may have stuffed it: huge, deep, wide, not an
+    object, the listener's own key of the wrong type, numbers past a double."""
+    return st.one_of(
+        huge_metadata().map(_storable),
+        st.sampled_from([{"listener": "not an object"}, {"listener": [1, 2]},
+                         {"listener": {"at": "infinity", "rule": 7}}, {"n": 10 ** 40},
+                         {"n": -1e308}, {"": {"": None}}, "null", True, 0,
+                         JsonText("null")]),
+        st.sampled_from([2_000, 5_000]).map(lambda depth: JsonText(deep_json_text(depth))),
+        st.sampled_from([2_000, 10_000]).map(
+            lambda n: JsonText("[" + ",".join(["{}"] * n) + "]")))
+
+
+@st.composite
+def stored_sessions(draw: st.DrawFn) -> dict[str, Any]:
+    """Columns of a `sessions` row PostgreSQL accepts (CHECK and NOT NULL
+    included), with the most hostile values it accepts. People are left null or
+    set to `people` (customer, mechanic) by the caller."""
+    row: dict[str, Any] = {"status": draw(st.sampled_from(SESSION_STATUSES)),
+                           "type": draw(st.sampled_from(["chat", "video", "diagnostic"]))}
+    for column in SESSION_TIMESTAMPS:
+        row[column] = draw(storable_timestamps(nullable=column not in NOT_NULL_TIMESTAMPS))
+    row["plan"] = draw(st.sampled_from(["chat10", "video15", "diagnostic", "free", "unknown",
+                                        "", "VIDEO15"]) | st.none()
+                       | st.text(max_size=40).map(_storable))
+    row["metadata"] = draw(storable_metadata())
+    row["mechanic"] = draw(st.booleans())
+    row["customer"] = draw(st.booleans())
+    return row
+
+
+@st.composite
+def stored_waitlist(draw: st.DrawFn) -> dict[str, Any]:
+    """Columns of a `customer_waitlist` row: no CHECK on its status, so any
+    text of up to 20 characters; expires_at is NOT NULL."""
+    status = draw(st.sampled_from(["pending", "notified", "expired", "cancelled"])
+                  | st.sampled_from(["PENDING", " pending", "", "unknown", "x" * 20])
+                  | st.text(max_size=20).map(_storable))
+    return {"status": status, "expires_at": draw(storable_timestamps(nullable=False)),
+            "metadata": draw(storable_metadata())}

@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import structlog
 
 from listener import metrics
-from listener.adapters.calls import CONTACTS, TRACKED_ROWS
+from listener.adapters.calls import CONTACTS, TRACKED_ROWS, key_fits_type
 from listener.adapters.source_notify import NotifySource
 from listener.adapters.store_sql import SqlStore
 from tests.live import LiveDaemon, eventually, insert_session, ledger, query, seed_people
@@ -191,3 +192,64 @@ async def test_a_bug_in_the_sweep_is_a_bug_not_an_outage(database: str, tmp_path
         await eventually(lambda: any(r.key.row_key == sid for r in live.fired("request_expiry")))
     after = metrics.REGISTRY.get_sample_value("listener_bugs_total", {"part": "reconcile"}) or 0
     assert after == bugs + 1
+
+
+def bugs() -> float:
+    return sum(s.value for m in metrics.REGISTRY.collect() if m.name == "listener_bugs"
+               for s in m.samples if s.name == "listener_bugs_total")
+
+
+async def test_a_forged_change_under_a_key_its_table_cannot_hold_is_bad_input(
+        database: str, tmp_path: Path) -> None:
+    """A NOTIFY anyone with database access can send: a pending row due at once,
+    keyed "123" in a table keyed by uuid. Acting on it failed on the cast in
+    every call, a bug counted again every 30 s; now it is refused at intake."""
+    seed_people(database)
+    before, bugs_before = bad_input("row"), bugs()
+    async with LiveDaemon(database, tmp_path) as live:
+        await live.active()
+        with structlog.testing.capture_logs() as logs:
+            with psycopg.connect(database, autocommit=True) as conn:
+                conn.execute("select pg_notify('listener_changes', %s)", (
+                    '{"type": "INSERT", "table": "sessions", "record": {"id": "123", '
+                    '"status": "pending", "status_changed_at": "2020-01-01T00:00:00Z", '
+                    '"_version": "1"}}',))
+                conn.execute("select pg_notify('listener_changes', %s)", (
+                    '{"type": "UPDATE", "table": "sessions", "key": "not-a-uuid", '
+                    '"truncated": true}',))
+            sid = insert_session(database, status="pending")
+            await eventually(lambda: any(r.key.row_key == sid
+                                         for r in live.fired("request_expiry")))
+            await asyncio.sleep(0.5)  # the forged row was due before the ordinary one
+    refused = {(e["table"], e["row_id"]) for e in logs
+               if e.get("event") == "bad_input" and e.get("kind") == "row"}
+    assert {("sessions", "123"), ("sessions", "not-a-uuid")} <= refused
+    assert bad_input("row") >= before + 2
+    assert bugs() == bugs_before
+    assert not [e for e in logs if e.get("event") in ("action_error", "bug")]
+    assert not [r for r in live.results if r.key.row_key == "123"]
+
+
+async def test_key_fits_type_reads_keys_as_postgresql_does(database: str) -> None:
+    texts = ["6d0ac6f9-baa1-461a-9bc7-dbf4f3dc7207", "6D0AC6F9BAA1461A9BC7DBF4F3DC7207",
+             "{6d0ac6f9-baa1-461a-9bc7-dbf4f3dc7207}", "6d0a-c6f9-baa1-461a-9bc7-dbf4-f3dc-7207",
+             "{6d0ac6f9-baa1-461a-9bc7-dbf4f3dc7207", " 6d0ac6f9-baa1-461a-9bc7-dbf4f3dc7207",
+             "6d0ac6f9-baa1-461a-9bc7-dbf4f3dc72-07", "6d0ac6f9-baa1-461a-9bc7-dbf4f3dc720",
+             "123", "-5", " 42 ", "+7", "2147483647", "2147483648", "-2147483648",
+             "9223372036854775808", "x", "", "1.5", "1e3", "0x1F", "1_000", "--1"]
+    with psycopg.connect(database, autocommit=True) as conn:
+        for sql_type in ("uuid", "integer", "bigint", "smallint"):
+            for text in texts:
+                try:
+                    with conn.transaction():
+                        conn.execute(f"select %s::text::{sql_type}", (text,))
+                    accepted = True
+                except psycopg.errors.DataError:
+                    accepted = False
+                fits = key_fits_type(text, sql_type)
+                # Never refuse a key PostgreSQL holds; refuse every decimal or
+                # uuid text it does not.
+                assert fits or not accepted, (sql_type, text)
+                if sql_type == "uuid" or text.strip().lstrip("+-").isdigit():
+                    assert fits == accepted, (sql_type, text)
+    assert key_fits_type("anything", "text") and key_fits_type("anything", None)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import re
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, AsyncIterator, Iterable, Mapping
@@ -282,6 +283,30 @@ def row_key_of(row: Mapping[str, Any], key: str) -> str | None:
     return str(value)
 
 
+# Key text as PostgreSQL's input functions read it: a uuid is 32 hex digits, a
+# hyphen allowed after any group of four, the whole optionally in braces; an
+# integer is decimal within its type's range (PostgreSQL 16 also reads 0x1F,
+# 0o17, 0b1 and 1_000, so those are left to it). A key outside these names no
+# row, and every call naming it would fail on the cast.
+_UUID_TEXT = re.compile("(?:{X}|X)".replace("X", "[0-9a-fA-F]{4}(?:-?[0-9a-fA-F]{4}){7}"))
+_INTEGER_TEXT = re.compile(r"\s*[+-]?(?:\d[\d_]*|0[xXoObB][0-9a-fA-F_]+)\s*")
+_DECIMAL_TEXT = re.compile(r"\s*[+-]?\d+\s*")
+_INTEGER_BOUND = {"smallint": 2**15, "integer": 2**31, "bigint": 2**63}
+
+
+def key_fits_type(key: str, sql_type: str | None) -> bool:
+    """Whether a key column of `sql_type` can hold `key` (True when the type is
+    unknown or takes any text)."""
+    if sql_type == "uuid":
+        return _UUID_TEXT.fullmatch(key) is not None
+    bound = _INTEGER_BOUND.get(sql_type or "")
+    if bound is None:
+        return True
+    if _DECIMAL_TEXT.fullmatch(key):
+        return -bound <= int(key) < bound
+    return _INTEGER_TEXT.fullmatch(key) is not None
+
+
 # --------------------------------------------------------------------------- the port
 
 
@@ -295,6 +320,7 @@ class CallingStore:
         self.queries = dict(queries)
         self.recipients = dict(recipients or {})
         self.page = max(1, min(page, MAX_PAGE))
+        self.key_types: dict[str, str] = {}  # table -> its primary key's type, once described
 
     async def invoke(self, call: Call, args: dict[str, Any]) -> Any:
         raise NotImplementedError
@@ -338,8 +364,23 @@ class CallingStore:
                                            "p_key": key})
 
     async def describe(self, tables: list[str]) -> dict[str, Any]:
-        """Per table: exists, primary_key, columns {name: type}, checks {column: [def]}."""
-        return await self._call(DESCRIBE, {"p_tables": list(tables)}) or {}
+        """Per table: exists, primary_key, columns {name: type}, checks {column: [def]}.
+        The key types found are kept for `key_fits`."""
+        answer = await self._call(DESCRIBE, {"p_tables": list(tables)}) or {}
+        for table, info in answer.items():
+            if not isinstance(info, dict):
+                continue
+            primary = info.get("primary_key") or info.get("key") or ()
+            columns = info.get("columns")
+            if isinstance(primary, list) and len(primary) == 1 and isinstance(columns, dict) \
+                    and isinstance(columns.get(primary[0]), str):
+                self.key_types[table] = columns[primary[0]]
+        return answer
+
+    def key_fits(self, table: str, key: str) -> bool:
+        """Whether `key` can be a key of `table` at all: False means no row has it
+        (a forged or corrupt change), so nothing may be owed to it."""
+        return key_fits_type(key, self.key_types.get(table))
 
     # -- actions -------------------------------------------------------------------------
 

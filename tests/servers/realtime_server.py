@@ -27,7 +27,10 @@ the trigger, LISTENs, then serves); ``await stop()`` closes sockets (1001) and
 drops the trigger unless ``keep_trigger``. Knobs (attributes): ``ignore_joins``,
 ``fail_subscriptions``, ``drop_changes``, ``duplicate_changes``,
 ``subscribed_delay``, ``reject_connections``. One-shot faults: ``close_all(code)``,
-``abort_all()``, ``send_phx_error(topic=None)``, ``send_system_error(topic=None)``.
+``abort_all()``, ``send_phx_error(topic=None)``, ``send_system_error(topic=None)``,
+``send_postgres_changes(payload, topic=None)`` (one ``postgres_changes`` frame with
+a payload of the test's own, hostile or malformed, to every streaming channel;
+``binding_ids(schema, table)`` gives the ids such a payload names).
 Counters: ``connections_total``, ``connections_open``, ``joins_total``,
 ``joins_by_topic``, ``leaves_total``, ``heartbeats_total``,
 ``access_tokens_total``, ``changes_seen``, ``changes_sent``, ``changes_dropped``,
@@ -745,6 +748,24 @@ class RealtimeServer:
                 if topic is None or ch.topic in (topic, f"realtime:{topic}"):
                     ch.streaming = False
                     await self._push_system(conn, ch, "error", message or self._unable_message(ch.bindings[:1]))
+                    count += 1
+        return count
+
+    def binding_ids(self, schema: str = "public", table: str = "sessions") -> list[int]:
+        """Ids of the streaming channels' bindings that cover ``schema.table``: what the
+        ``ids`` of a change of that table would name."""
+        return sorted({b.id for conn in self._conns.values() for ch in conn.channels.values()
+                       if ch.streaming for b in ch.bindings if b.covers(schema, table)})
+
+    async def send_postgres_changes(self, payload: Any, topic: str | None = None) -> int:
+        """Push one ``postgres_changes`` frame carrying ``payload`` exactly as given (any
+        JSON value: Realtime itself never sends a malformed one) to every streaming
+        channel, or only ``topic``'s; the number of frames sent. Test-only."""
+        count = 0
+        for conn in list(self._conns.values()):
+            for ch in list(conn.channels.values()):
+                if ch.streaming and (topic is None or ch.topic in (topic, f"realtime:{topic}")):
+                    await self._send(conn, ch.topic, "postgres_changes", payload, None)
                     count += 1
         return count
 
