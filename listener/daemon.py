@@ -34,7 +34,7 @@ from listener.ops import Readiness
 from listener.errors import is_transient
 from listener.retry import Backoff
 from listener.rows import BadRow, RowState, key_text
-from listener.supervision import supervise, unavailable
+from listener.supervision import cancel_and_wait, supervise, unavailable
 from listener.rules.model import RuleSet
 from listener.rules.query import TableQuery
 from listener.source import ChangeSource
@@ -384,21 +384,15 @@ class Term:
             self.readiness.role = "stopping"
             self.readiness.source_subscribed = False
             self.events.active.clear()
-            for task in intake:
-                task.cancel()
-            await asyncio.gather(*intake, return_exceptions=True)
+            await cancel_and_wait(intake, part="intake")
             # Let workers finish what they hold, then let effects in flight finish;
             # anything cut short stays `claimed` and the next holder resumes it.
             for _ in workers:
                 due.put_nowait(None)
             grace = self.config.shutdown_grace_s
             await asyncio.wait([*workers, *self._background], timeout=grace)
-            for task in [*workers, *self._background]:
-                task.cancel()
-            renewer.cancel()
-            stopping.cancel()
-            await asyncio.gather(*workers, *self._background, renewer, stopping,
-                                 return_exceptions=True)
+            await cancel_and_wait([*workers, *self._background, renewer, stopping],
+                                  part="actions")
             if not self._lost.done():
                 await self.daemon.lease.release(self.fence)
             metrics.LEASE_HELD.set(0)

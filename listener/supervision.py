@@ -9,7 +9,7 @@ never turns the database "unreachable", and a flaky database never reads as a bu
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Iterable
 
 import structlog
 
@@ -50,3 +50,34 @@ async def supervise(part: str, run: Callable[[], Awaitable[Any]], health: Readin
                 metrics.BUGS.labels(part).inc()
                 log.exception("bug", part=part, error=repr(exc)[:300])
             await backoff.sleep(exc)
+
+
+async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]], *, part: str,
+                          again_after: float = 0.5, give_up_after: float = 10.0) -> None:
+    """Cancel `tasks` and wait until they have ended.
+
+    A cancellation can be lost on its way: a library that catches CancelledError
+    at the wrong moment (a connection pool handing over a connection just as
+    its waiter is cancelled) lets the task run on into its next sleep, and a
+    term that waited for it would never end. So a task still running after
+    `again_after` is cancelled again, until `give_up_after`; one that outlives
+    that is logged and left behind rather than holding up the rest."""
+    tasks = list(tasks)
+    pending = {task for task in tasks if not task.done()}
+    for task in pending:
+        task.cancel()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + give_up_after
+    while pending:
+        _, pending = await asyncio.wait(pending, timeout=again_after)
+        if not pending:
+            break
+        if loop.time() >= deadline:
+            log.error("tasks_not_cancelled", part=part,
+                      tasks=sorted(task.get_name() for task in pending))
+            break
+        for task in pending:
+            task.cancel()
+    for task in tasks:
+        if task.done() and not task.cancelled():
+            task.exception()  # retrieved: the caller has reported what it needs to
