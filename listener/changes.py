@@ -2,13 +2,11 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import orjson
 
 from listener.instants import BadInstant, Instant, parse_instant
-
 
 
 class ChangeType(str, enum.Enum):
@@ -28,8 +26,10 @@ class BadChange(ValueError):
     pass
 
 
-@dataclass(frozen=True, slots=True)
-class Change:
+class Change(NamedTuple):
+    """One change of one row. A named tuple: immutable and compared by value,
+    and built in a third of a frozen dataclass's time (one per replayed line)."""
+
     type: ChangeType
     table: str
     key: str  # the row's key as text
