@@ -248,7 +248,8 @@ class Executor:
             None if finish is None else finish.value,
             None if finish is None else lateness_ms, detail,
             dict(rule.set_columns) if rule.set_columns and acting else None,
-            None if finish is None else self._timeline(rule, key, finish, at, detail))
+            None if finish is None or not self.timeline
+            else self._timeline(rule, key, finish, at, detail))
 
     def _timeline(self, rule: Rule, key: ActionKey, outcome: Outcome, at: int,
                   detail: dict[str, Any]) -> dict[str, Any] | None:
@@ -283,7 +284,8 @@ class Executor:
         status = rule.set_status if rule.set_status and status_applied else None
         reason = rule.reason if status else None
         if request.finish is not None:
-            return self._report(ActionResult(key, request.fired_at, Outcome(request.finish),
+            # Finished in the claim: the outcome is the decision's (see _request).
+            return self._report(ActionResult(key, request.fired_at, decision.outcome,
                                              status, reason, decision.recipients,
                                              request.detail or {}))
         work = self._effect_and_finish(key, rule, request.fired_at, decision, status, reason, row)
