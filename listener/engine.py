@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, NamedTuple
 
 from listener.instants import HOUR, Instant
-from listener.rows import BadRow, ChildCodec, RowCodec, RowState
+from listener.rows import MAX_KEY_LENGTH, BadRow, ChildCodec, RowCodec, RowState
 from listener.rules.model import Lateness, Outcome, Rule, RuleSet, SumTerm, Table
 
 DueFunction = Callable[[RowState], "Instant | None"]
@@ -170,6 +170,10 @@ class Engine:
             self._children[child] = (codec, uses, {})
             for _, term in uses:
                 self._sums.setdefault(term, {})
+        # Per rule, its recipients when none depends on the row (no "role?").
+        self._recipients: list[tuple[str, ...] | None] = [
+            None if any(role.endswith("?") for role in rule.notify) else tuple(rule.notify)
+            for rule in self.rules]
         self._due: list[DueFunction] = []
         self._rule_table: list[TableState] = []
         for index, rule in enumerate(self.rules):
@@ -239,7 +243,10 @@ class Engine:
                 return self._upsert_child(table, row)
             return Applied(table, "", [], ignored=True)
         codec = ts.codec
-        key = codec.key_of(row)
+        # codec.key_of, inlined for the usual text key of a dict row.
+        key = row.get(codec.key) if type(row) is dict else None
+        if type(key) is not str or not 0 < len(key) <= MAX_KEY_LENGTH:
+            key = codec.key_of(row)
         old = ts.rows.get(key)
         gone = ts.tombstones.pop(key, None) if old is None else None
         new, problems = codec.parse_keyed(row, key, old or gone, at)
@@ -446,6 +453,9 @@ class Engine:
         elif lateness > self.max_notify_lateness:
             return Decision(timer, fired_at, Outcome.LATE, (),
                             "past MAX_NOTIFY_LATENESS: no email")
+        recipients = self._recipients[timer.rule_index]
+        if recipients is not None:
+            return Decision(timer, fired_at, Outcome.FIRED, recipients)
         recipients = []
         table = self._rule_table[timer.rule_index].table
         for role in rule.notify:
