@@ -2,13 +2,11 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import orjson
 
-from listener.instants import BadInstant, Instant, parse_instant
-
+from listener.instants import BadInstant, Instant, instant_of_text, parse_instant
 
 
 class ChangeType(str, enum.Enum):
@@ -28,8 +26,10 @@ class BadChange(ValueError):
     pass
 
 
-@dataclass(frozen=True, slots=True)
-class Change:
+class Change(NamedTuple):
+    """One change of one row. A named tuple: immutable and compared by value,
+    and built in a third of a frozen dataclass's time (one per replayed line)."""
+
     type: ChangeType
     table: str
     key: str  # the row's key as text
@@ -70,9 +70,11 @@ def change_from_payload(payload: Any, *, require_at: bool = False,
         raise BadChange("table must be a string")
     column = (key_columns or {}).get(table, DEFAULT_KEY)
     at = None
-    if require_at or payload.get("at") is not None:
+    raw_at = payload.get("at")
+    if require_at or raw_at is not None:
         try:
-            at = parse_instant(payload.get("at"))
+            # Text (every line's stamp) straight to the remembering parser.
+            at = instant_of_text(raw_at) if type(raw_at) is str else parse_instant(raw_at)
         except BadInstant as exc:
             raise BadChange(f"at: {exc}") from None
         if at is None:

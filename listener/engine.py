@@ -7,10 +7,10 @@ Timers live in one heap of (due, rule index, row key); the rule index names the
 table, and rules are numbered in table order, so the heap's order is the
 firing order: due instant, then table order, then key. An entry is never
 removed when a change makes it obsolete; it is checked when it comes due
-(lazy invalidation): the rule's due instant is recomputed from the row's
-current state, and the entry fires only if it still matches and that episode
-has not fired. That keeps a change O(rules of its table) and memory per row
-small.
+(lazy invalidation): each tracked state keeps the entries of the episodes it
+owes (`_queued`, computed once per change), and a popped entry fires only if
+the row's current state still holds it. That keeps a change O(rules of its
+table), a stale entry's check one lookup, and memory per row small.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, NamedTuple
 
 from listener.instants import HOUR, Instant
-from listener.rows import BadRow, ChildCodec, RowCodec, RowState
+from listener.rows import MAX_KEY_LENGTH, BadRow, ChildCodec, RowCodec, RowState
 from listener.rules.model import Lateness, Outcome, Rule, RuleSet, SumTerm, Table
 
 DueFunction = Callable[[RowState], "Instant | None"]
@@ -170,6 +170,10 @@ class Engine:
             self._children[child] = (codec, uses, {})
             for _, term in uses:
                 self._sums.setdefault(term, {})
+        # Per rule, its recipients when none depends on the row (no "role?").
+        self._recipients: list[tuple[str, ...] | None] = [
+            None if any(role.endswith("?") for role in rule.notify) else tuple(rule.notify)
+            for rule in self.rules]
         self._due: list[DueFunction] = []
         self._rule_table: list[TableState] = []
         for index, rule in enumerate(self.rules):
@@ -239,7 +243,10 @@ class Engine:
                 return self._upsert_child(table, row)
             return Applied(table, "", [], ignored=True)
         codec = ts.codec
-        key = codec.key_of(row)
+        # codec.key_of, inlined for the usual text key of a dict row.
+        key = row.get(codec.key) if type(row) is dict else None
+        if type(key) is not str or not 0 < len(key) <= MAX_KEY_LENGTH:
+            key = codec.key_of(row)
         old = ts.rows.get(key)
         gone = ts.tombstones.pop(key, None) if old is None else None
         new, problems = codec.parse_keyed(row, key, old or gone, at)
@@ -251,27 +258,38 @@ class Engine:
             applied.new_status = status
         if old is not None:
             new._fired = old._fired
-            old_pending = self.pending(ts, old)
+            old_queued = old._queued
         else:
             new._fired = gone._fired if gone is not None else ()
-            old_pending = []
-        applied.armed = self._arm(ts, key, new, old_pending)
+            old_queued = ()
+        applied.armed = self._arm(ts, key, new, old_queued)
         return applied
 
     def _arm(self, ts: TableState, key: str, new: RowState,
-             old_pending: list[tuple[int, Instant]]) -> int:
-        """Put `new` in place of the row's state; the number of episodes newly owed."""
-        new_pending = self.pending(ts, new)
-        self.armed += len(new_pending) - len(old_pending)
-        added = 0
+             old_queued: tuple[tuple[Instant, int, str], ...]) -> int:
+        """Put `new` in place of the row's state, whose heap entries were
+        `old_queued`; the number of episodes newly owed."""
+        fired = new._fired
+        row_key = new._key
         heap = self._heap
-        for index, due in new_pending:
-            if not old_pending or (index, due) not in old_pending:
-                heapq.heappush(heap, (due, index, new._key))
+        queued = []
+        added = 0
+        for index, due_of in ts.for_status.get(getattr(new, ts.status), ts.always):
+            due = due_of(new)
+            if due is None or (fired and (index, due) in fired):
+                continue
+            entry = (due, index, row_key)
+            # An episode owed before at the same instant is in the heap already.
+            if not old_queued or entry not in old_queued:
+                heapq.heappush(heap, entry)
                 added += 1
-        if new_pending:
+            queued.append(entry)
+        self.armed += len(queued) - len(old_queued)
+        if queued:
+            new._queued = tuple(queued)
             ts.rows[key] = new
         else:
+            new._queued = ()
             self._forget(ts, key, new)
         if len(heap) > 4 * self.armed + 10_000:
             self._compact()
@@ -298,7 +316,7 @@ class Engine:
             for parent in parents:
                 state = ts.rows.get(parent)
                 if state is not None:
-                    before[(parent_table, parent)] = self.pending(ts, state)
+                    before[(parent_table, parent)] = state._queued
         for _, term in uses:
             sums = self._sums[term]
             index = codec.columns.index(term.column)
@@ -326,7 +344,8 @@ class Engine:
         old = ts.rows.get(key)
         if old is None:
             return False
-        self.armed -= len(self.pending(ts, old))
+        self.armed -= len(old._queued)
+        old._queued = ()
         self._forget(ts, key, old)
         return True
 
@@ -347,20 +366,17 @@ class Engine:
 
     # -- time ----------------------------------------------------------------------
 
-    def _live(self, due: Instant, index: int, key: str) -> RowState | None:
-        state = self._rule_table[index].rows.get(key)
-        if state is not None and self._due[index](state) == due \
-                and (index, due) not in state._fired:
-            return state
-        return None
+    def _live(self, entry: tuple[Instant, int, str]) -> RowState | None:
+        """The row's state if it still owes the episode of this heap entry."""
+        state = self._rule_table[entry[1]].rows.get(entry[2])
+        return state if state is not None and entry in state._queued else None
 
     def next_due(self) -> Instant | None:
         """The earliest instant a timer may be due (obsolete entries dropped first)."""
         heap = self._heap
         while heap:
-            due, index, key = heap[0]
-            if self._live(due, index, key) is not None:
-                return due
+            if self._live(heap[0]) is not None:
+                return heap[0][0]
             heapq.heappop(heap)
         return None
 
@@ -376,16 +392,19 @@ class Engine:
         """
         heap = self._heap
         while heap and heap[0][0] <= until:
-            due, index, key = heapq.heappop(heap)
+            entry = heapq.heappop(heap)
             # _live, inlined: most entries popped are obsolete, checked and dropped here.
+            due, index, key = entry
             ts = self._rule_table[index]
             state = ts.rows.get(key)
-            if state is None or self._due[index](state) != due:
+            if state is None:
                 continue
-            fired = state._fired
-            if fired and (index, due) in fired:
+            queued = state._queued
+            if entry not in queued:
                 continue
-            state._fired = fired + ((index, due),)
+            at = queued.index(entry)
+            state._queued = queued[:at] + queued[at + 1:]
+            state._fired += ((index, due),)
             self.armed -= 1
             return Timer(self.rules[index], index, ts.name, key, due)
         return None
@@ -407,13 +426,15 @@ class Engine:
         state._fired = tuple(f for f in state._fired if f != (timer.rule_index, timer.due))
         if self._due[timer.rule_index](state) == timer.due:
             self.armed += 1
-            heapq.heappush(self._heap, (timer.due, timer.rule_index, timer.key))
+            entry = (timer.due, timer.rule_index, state._key)
+            state._queued += (entry,)
+            heapq.heappush(self._heap, entry)
 
     def settle(self, table: str, key: str) -> None:
         """Forget a row that owes nothing more, once its last action is done."""
         ts = self.tables.get(table)
         state = ts.rows.get(key) if ts is not None else None
-        if state is not None and not self.pending(ts, state):
+        if state is not None and not state._queued:
             self._forget(ts, key, state)
 
     # -- deciding ------------------------------------------------------------------
@@ -432,6 +453,9 @@ class Engine:
         elif lateness > self.max_notify_lateness:
             return Decision(timer, fired_at, Outcome.LATE, (),
                             "past MAX_NOTIFY_LATENESS: no email")
+        recipients = self._recipients[timer.rule_index]
+        if recipients is not None:
+            return Decision(timer, fired_at, Outcome.FIRED, recipients)
         recipients = []
         table = self._rule_table[timer.rule_index].table
         for role in rule.notify:
@@ -458,9 +482,8 @@ class Engine:
         # Obsolete entries normally drain as they come due; a row whose far-future
         # deadline moves often would grow the heap without bound, so _arm
         # rebuilds it past four times the armed episodes.
-        self._heap = [(due, index, key) for ts in self.tables.values()
-                      for key, state in ts.rows.items()
-                      for index, due in self.pending(ts, state)]
+        self._heap = [entry for ts in self.tables.values()
+                      for state in ts.rows.values() for entry in state._queued]
         heapq.heapify(self._heap)
 
 

@@ -185,15 +185,19 @@ class Executor:
             decision = engine.decide(timer, state, fired_at)
             request = self._request(key, decision, state._version, fired_at)
             answer = await self.store.fire(request, self.fence)
-            if answer.outcome == FENCED:
+            outcome = answer.outcome
+            if outcome is CLAIMED:  # nearly every answer: the rest are checked after it
+                return await self._after_claim(timer, key, decision, request,
+                                               answer.row or row or {}, answer.status_applied)
+            if outcome == FENCED:
                 raise Fenced(self.fence)
-            if answer.outcome == MISSING:
+            if outcome == MISSING:
                 engine.delete(table, row_key)
                 return None
-            if answer.outcome == DONE:
+            if outcome == DONE:
                 log.debug("already_done", rule=timer.rule.name, table=table, row_id=row_key)
                 return None
-            if answer.outcome == STALE:
+            if outcome == STALE:
                 # The row changed after memory saw it: decide again on the row as it is.
                 row = answer.row or {}
                 try:
@@ -205,7 +209,7 @@ class Executor:
                     return await self._moved_on(
                         key, fired_at, row.get(engine.tables[table].codec.status))
                 continue
-            if answer.outcome == CONFLICT:
+            if outcome == CONFLICT:
                 status_column = engine.tables[table].codec.status
                 return await self._moved_on(key, fired_at, (answer.row or {}).get(status_column))
             return await self._after_claim(timer, key, decision, request, answer.row or row or {},
@@ -234,7 +238,8 @@ class Executor:
         if rule.webhook and not webhook and acting:
             detail["webhook"] = {"event": rule.webhook, "sent": False,
                                  "why": "no WEBHOOK_URL"}
-        at = max(fired_at, self.clock.now())  # lateness includes the time to get here
+        now = self.clock.now()
+        at = now if now > fired_at else fired_at  # lateness includes the time to get here
         lateness_ms = (at - key.due_at) // 1000
         changes = rule.set_status is not None and acting
         expected = None
@@ -248,7 +253,8 @@ class Executor:
             None if finish is None else finish.value,
             None if finish is None else lateness_ms, detail,
             dict(rule.set_columns) if rule.set_columns and acting else None,
-            None if finish is None else self._timeline(rule, key, finish, at, detail))
+            None if finish is None or not self.timeline
+            else self._timeline(rule, key, finish, at, detail))
 
     def _timeline(self, rule: Rule, key: ActionKey, outcome: Outcome, at: int,
                   detail: dict[str, Any]) -> dict[str, Any] | None:
@@ -283,7 +289,8 @@ class Executor:
         status = rule.set_status if rule.set_status and status_applied else None
         reason = rule.reason if status else None
         if request.finish is not None:
-            return self._report(ActionResult(key, request.fired_at, Outcome(request.finish),
+            # Finished in the claim: the outcome is the decision's (see _request).
+            return self._report(ActionResult(key, request.fired_at, decision.outcome,
                                              status, reason, decision.recipients,
                                              request.detail or {}))
         work = self._effect_and_finish(key, rule, request.fired_at, decision, status, reason, row)

@@ -99,6 +99,11 @@ class Replay:
         # A change stamped at t goes before the timers due at t.
         if engine.may_be_due(at - 1):
             await self.fire_until(at - 1)
+        return self.apply_due(change, at, owned)
+
+    def apply_due(self, change: Change, at: Instant, owned: bool = False) -> Applied:
+        """The rest of `apply`, once every timer due before `at` has fired: a plain
+        call, since nothing here waits (the replay loop skips a coroutine per line)."""
         self.clock.advance_to(at)
         if change.type is ChangeType.DELETE:
             self.store.remove(change.table, change.key)
@@ -106,7 +111,7 @@ class Replay:
             return Applied(change.table, change.key, [])
         assert change.record is not None
         row = self.store.write(change.table, change.record, at, owned=owned)
-        return engine.upsert(change.table, row, at)
+        return self.engine.upsert(change.table, row, at)
 
     async def finish(self, until: Instant | None) -> None:
         await self.fire_until(until if until is not None else 2**62)
@@ -167,7 +172,8 @@ async def run_replay(lines: Iterable[str], ruleset: RuleSet, out: TextIO, err: T
 
 async def _replay_lines(replay: Replay, lines: Iterable[str], stats: ReplayStats, err: TextIO,
                         until: Instant | None) -> None:
-    unknown_values = replay.engine.new_unknown_values
+    engine, clock = replay.engine, replay.clock
+    unknown_values = engine.new_unknown_values
     for number, line in enumerate(lines, 1):
         if number % COLLECT_EVERY == 0:
             gc.collect()
@@ -183,14 +189,19 @@ async def _replay_lines(replay: Replay, lines: Iterable[str], stats: ReplayStats
         if until is not None and change.at is not None and change.at > until:
             stats.after_until += 1
             continue
+        if not engine.watches(change.table):
+            stats.ignored += 1
+            continue
+        # Replay.apply, inlined: a change waits only for the timers due before it.
+        now = clock.now()
+        at = change.at if change.at is not None and change.at > now else now
         try:
-            applied = await replay.apply(change, owned=True)  # parsed from its line here
+            if engine.may_be_due(at - 1):
+                await replay.fire_until(at - 1)
+            applied = replay.apply_due(change, at, owned=True)  # parsed from its line here
         except BadRow as exc:
             stats.bad += 1
             err.write(f"line {number}: {change.table} {change.key}: {exc}; skipped\n")
-            continue
-        if applied is None:
-            stats.ignored += 1
             continue
         stats.applied += 1
         for problem in applied.problems:

@@ -38,7 +38,9 @@ class ColumnKind(enum.Enum):
 class RowState:
     """Base of the per-table state classes; the subclasses add one slot per column."""
 
-    __slots__ = ("_key", "_version", "_fired")
+    # _queued: the heap entries (due, rule index, key) of the episodes this state
+    # owes, as the engine armed them; _fired: the (rule index, due) episodes done.
+    __slots__ = ("_key", "_version", "_fired", "_queued")
     COLUMNS: tuple[str, ...] = ()
 
     def same_facts(self, other: RowState) -> bool:
@@ -147,6 +149,7 @@ class RowCodec:
             "    s = NEW()",
             "    s._key = previous._key if previous is not None else key",
             "    s._fired = ()",
+            "    s._queued = ()",
             "    v = row.get('_version')",
             "    s._version = v if type(v) is str else None",
             "    " + assign(status, "INTERN(status)"),

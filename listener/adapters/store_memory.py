@@ -96,7 +96,9 @@ class MemoryStore:
         alone), so it is stored as it is rather than copied."""
         query = self.queries.get(table)
         key_column = query.key if query is not None else "id"
-        key = row_key_of(record, key_column)
+        key = record.get(key_column)
+        if type(key) is not str:  # nearly every key is text: row_key_of reads the rest
+            key = row_key_of(record, key_column)
         if key is None:
             raise ValueError(f"{table}: row has no usable {key_column}")
         rows = self.tables.get(table)
