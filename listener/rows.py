@@ -69,16 +69,18 @@ class RowCodec:
         self.key = table.key
         self.status = table.status
         kinds: dict[str, ColumnKind] = {table.status: ColumnKind.VALUE}
-        instants: set[str] = set()
-        values: set[str] = set()
+        # Ordered (dicts, not sets), so the slots and the order a row's problems
+        # are reported in are the same in every process, whatever the hash seed.
+        instants: dict[str, None] = {}
+        values: dict[str, None] = {}
         for rule in rules:
             for anchor in rule.anchor:
                 derived = table.derived.get(anchor)
                 if derived is None:
-                    instants.add(anchor)
+                    instants[anchor] = None
                 else:
-                    instants.add(derived.start)
-                    values.update(t.column for t in derived.lookups)
+                    instants[derived.start] = None
+                    values.update(dict.fromkeys(t.column for t in derived.lookups))
         for rule in rules:
             for column in (*rule.present, *rule.absent, *optional_columns(rule, table)):
                 if column not in table.derived:

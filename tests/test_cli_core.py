@@ -85,3 +85,20 @@ def test_bad_max_notify_lateness_is_an_error() -> None:
 def test_a_lease_shorter_than_a_second_is_an_error() -> None:
     result = listener("run", env={"LEASE_TTL": "500ms", "DATABASE_URL": "postgresql://nowhere/x"})
     assert result.returncode == 2 and "LEASE_TTL must be at least 1s" in result.stderr
+
+
+def test_replay_reports_a_rows_problems_in_the_same_order_whatever_the_hash_seed() -> None:
+    bad = "not a time"
+    line = ('{"at": "2026-03-02T10:00:00Z", "type": "INSERT", "table": "sessions", "record": '
+            '{"id": "00000000-0000-4000-8000-000000000002", "status": "live", "type": "video", '
+            '"plan": "video15", "customer_user_id": null, "mechanic_id": null, '
+            f'"created_at": "{bad}", "updated_at": "{bad}", "started_at": "{bad}", '
+            f'"ended_at": "{bad}", "scheduled_for": "{bad}", "expires_at": "{bad}", '
+            f'"summary_submitted_at": "{bad}", "status_changed_at": "{bad}", '
+            '"metadata": {}}}\n')
+    outputs = set()
+    for seed in ("1", "2", "3", "4", "5", "6"):
+        result = listener("replay", "-", env={"PYTHONHASHSEED": seed}, stdin=line)
+        assert result.returncode == 0, result.stderr
+        outputs.add(result.stderr)
+    assert len(outputs) == 1 and outputs.pop().count(bad) >= 2
