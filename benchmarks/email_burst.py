@@ -26,7 +26,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -43,6 +42,7 @@ from listener.effects import OutgoingEmail  # noqa: E402
 from listener.email_batch import frozen_batches  # noqa: E402
 from listener.mailer import Mailer, Member  # noqa: E402
 from listener.tables import format_table  # noqa: E402
+from benchmarks.harness import admin_conninfo, with_dbname  # noqa: E402
 from tests.servers.resend_server import ResendServer  # noqa: E402
 
 KEY = "re_bench_burst"
@@ -50,24 +50,6 @@ HOLDER, TOKEN = "bench", 1
 ACTIONS = 500
 RATE = 5.0
 DUE = "2026-03-02T10:00:00Z"
-
-
-def admin_conninfo() -> str:
-    try:
-        conninfo = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=3"
-        psycopg.connect(conninfo).close()
-        return conninfo
-    except psycopg.Error:
-        import pgserver
-
-        return pgserver.get_server(tempfile.mkdtemp(), cleanup_mode="delete").get_uri()
-
-
-def with_dbname(admin: str, name: str) -> str:
-    if admin.startswith("postgresql://"):
-        base, _, query = admin.partition("?")
-        return base.rsplit("/", 1)[0] + "/" + name + ("?" + query if query else "")
-    return admin.replace("dbname=postgres", f"dbname={name}")
 
 
 def actions(run: str) -> list[tuple[Member, list[OutgoingEmail]]]:
@@ -79,7 +61,8 @@ def actions(run: str) -> list[tuple[Member, list[OutgoingEmail]]]:
             to=f"{role}{n}@example.com", sender="The Auto Doctor <noreply@example.com>",
             subject=f"Session {sid[:8]} starts in 1 hour", html="<p>Soon</p>", text="Soon",
             idempotency_key=f"listener/{member.rule}/{sid}/{DUE}/{role}",
-            rule=member.rule, session_id=sid, role=role) for role in ("customer", "mechanic")]))
+            rule=member.rule, table="sessions", row_id=sid, role=role)
+            for role in ("customer", "mechanic")]))
     return out
 
 
