@@ -4,13 +4,13 @@ Deterministic: no database, no email, no network, no wall clock.
 """
 from __future__ import annotations
 
-import contextlib
 import gc
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Mapping, TextIO
+from typing import Callable, Iterable, Mapping, TextIO
 
 import orjson
 
+from listener import collector
 from listener.adapters.store_memory import MemoryStore
 from listener.changes import BadChange, Change, ChangeType, change_from_line
 from listener.clock import VirtualClock
@@ -25,7 +25,7 @@ from listener.store import Fence
 REPLAY_FENCE = Fence("replay", 0)
 PRINTED = (Outcome.FIRED, Outcome.LATE)
 # Lines between full collections while the cyclic collector is paused (see
-# collector_paused): a bound on memory should anything ever make a cycle.
+# run_replay): a bound on memory should anything ever make a cycle.
 COLLECT_EVERY = 1_000_000
 
 
@@ -117,31 +117,6 @@ class Replay:
         await self.fire_until(until if until is not None else 2**62)
 
 
-@contextlib.contextmanager
-def collector_paused() -> Iterator[None]:
-    """The cyclic garbage collector off for the replay, as it was afterwards.
-
-    Replay makes no reference cycles per line (states, rows and ledger entries
-    are acyclic; reference counting frees them), but every change leaves
-    surviving containers, so the collector kept re-traversing the engine's
-    live objects: a third of the CPU time of a replay went to finding nothing.
-    """
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        # Everything the replay allocated is still in the youngest generation:
-        # re-enabled as it is, the first allocation would traverse all of it
-        # (a tenth of a replay's time) to find nothing. Freezing and unfreezing
-        # moves it to the oldest generation at once, without a traversal;
-        # reference counting frees it as before.
-        gc.freeze()
-        gc.unfreeze()
-        if was_enabled:
-            gc.enable()
-
-
 async def run_replay(lines: Iterable[str], ruleset: RuleSet, out: TextIO, err: TextIO,
                      until: Instant | None = None,
                      max_notify_lateness: int = HOUR) -> ReplayStats:
@@ -164,8 +139,15 @@ async def run_replay(lines: Iterable[str], ruleset: RuleSet, out: TextIO, err: T
             pending.clear()
 
     replay = Replay(ruleset, max_notify_lateness, emit)
-    with collector_paused():
-        await _replay_lines(replay, lines, stats, err, until)
+    # Replay makes no reference cycles per line (states, rows and ledger entries
+    # are acyclic), but every change leaves surviving containers, and the
+    # collector kept re-traversing the engine's live objects: a third of a
+    # replay's CPU time went to finding nothing.
+    with collector.paused():
+        try:
+            await _replay_lines(replay, lines, stats, err, until)
+        finally:
+            collector.age_survivors()
     flush()
     return stats
 
