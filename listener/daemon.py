@@ -37,7 +37,7 @@ from listener.rows import BadRow, RowState, key_text
 from listener.supervision import cancel_and_wait, supervise, unavailable
 from listener.rules.model import RuleSet
 from listener.rules.query import TableQuery
-from listener.source import ChangeSource
+from listener.source import BadInputKind, ChangeSource
 from listener.store import Fence, Fenced, Store
 
 log = structlog.get_logger("listener.daemon")
@@ -336,10 +336,10 @@ class Term:
             self._changes.put_nowait(change)
         except asyncio.QueueFull:
             # Memory is bounded; the sweep that follows finds what was dropped.
-            self.bad_input("queue_full", "change queue full: sweeping", change.table, change.key)
+            self.bad_input(BadInputKind.QUEUE_FULL, "change queue full: sweeping", change.table, change.key)
             self._sweep_requested.set()
 
-    def bad_input(self, kind: str, detail: str, table: str | None = None,
+    def bad_input(self, kind: BadInputKind, detail: str, table: str | None = None,
                   key: str | None = None) -> None:
         metrics.BAD_INPUT.labels(kind).inc()
         log.warning("bad_input", kind=kind, table=table, row_id=key, detail=detail[:500])
@@ -501,7 +501,7 @@ class Term:
                 if not self._apply_now(change):
                     await self._apply_read(change)
             except Exception as exc:  # noqa: BLE001 - one bad change must not stop intake
-                self.bad_input("change", repr(exc), change.table, change.key)
+                self.bad_input(BadInputKind.CHANGE, repr(exc), change.table, change.key)
             if slices.over():
                 await slices.yield_now()
 
@@ -510,13 +510,13 @@ class Term:
         read first (the NOTIFY had no room for it)."""
         engine = self.engine
         if not engine.watches(change.table):
-            self.bad_input("unknown_table", "a change of a table no rule reads: ignored",
+            self.bad_input(BadInputKind.UNKNOWN_TABLE, "a change of a table no rule reads: ignored",
                            change.table, change.key)
             return True
         if self._key_fits is not None and not self._key_fits(change.table, change.key):
             # A real change always names a key its table can hold; acting on this
             # one would fail on the cast in every call, again and again.
-            self.bad_input("row", f"the key column of {change.table} cannot hold this key: "
+            self.bad_input(BadInputKind.ROW, f"the key column of {change.table} cannot hold this key: "
                            "no row has it", change.table, change.key)
             return True
         if change.type == ChangeType.DELETE:
@@ -543,15 +543,15 @@ class Term:
         try:
             applied = engine.upsert(table, row, self.clock.now())
         except BadRow as exc:
-            self.bad_input("row", str(exc), table, key)
+            self.bad_input(BadInputKind.ROW, str(exc), table, key)
             return 0
         for problem in applied.problems:
-            self.bad_input("column", problem, table, applied.key)
+            self.bad_input(BadInputKind.COLUMN, problem, table, applied.key)
         if applied.new_status is not None:
-            self.bad_input("unknown_status",
+            self.bad_input(BadInputKind.UNKNOWN_STATUS,
                            f"status {applied.new_status!r} treated as terminal", table, applied.key)
         for unknown in engine.new_unknown_values:
-            self.bad_input("unknown_value", f"{unknown.column} = {unknown.value!r} is not in the "
+            self.bad_input(BadInputKind.UNKNOWN_VALUE, f"{unknown.column} = {unknown.value!r} is not in the "
                            "rules' map: no deadline computed from it", table, applied.key)
         engine.new_unknown_values.clear()
         return applied.armed
@@ -712,7 +712,7 @@ class Term:
             try:
                 fresh = engine.parse(table, row, self.clock.now())
             except BadRow as exc:
-                self.bad_input("row", str(exc), table, key)
+                self.bad_input(BadInputKind.ROW, str(exc), table, key)
                 return 0
             if not fresh.same_facts(known):
                 # The sweep's snapshot may be older than a change already applied:
@@ -730,7 +730,7 @@ class Term:
         column = self.queries[table].key
         key = key_text(row.get(column)) if isinstance(row, dict) else None
         if key is None:
-            self.bad_input("row", f"tracked row without a usable {column}: {str(row)[:200]}",
+            self.bad_input(BadInputKind.ROW, f"tracked row without a usable {column}: {str(row)[:200]}",
                            table)
         return key
 

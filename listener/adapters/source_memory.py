@@ -22,7 +22,7 @@ from listener.changes import BadChange, Change, ChangeType, change_from_payload
 from listener.clock import Clock, WallClock
 from listener.rows import key_text
 from listener.rules.query import TableQuery
-from listener.source import ChangeSink
+from listener.source import BadInputKind, ChangeSink
 
 
 class MemorySource:
@@ -111,7 +111,7 @@ class MemorySource:
             change = change_from_payload(payload, key_columns=self.key_columns)
         except BadChange as exc:
             if self._sink is not None:
-                self._sink.bad_input("memory_payload", f"{exc}: {str(payload)[:200]!r}")
+                self._sink.bad_input(BadInputKind.MEMORY_PAYLOAD, f"{exc}: {str(payload)[:200]!r}")
             return False
         return self.push(change)
 

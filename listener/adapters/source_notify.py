@@ -12,7 +12,7 @@ import structlog
 from listener import metrics
 from listener.changes import BadChange, Change, change_from_payload, key_of
 from listener.rules.query import TableQuery
-from listener.source import Backoff, ChangeSink
+from listener.source import Backoff, BadInputKind, ChangeSink
 
 log = structlog.get_logger("listener.source")
 CHANNEL = "listener_changes"
@@ -83,7 +83,7 @@ class NotifySource:
         try:
             change = change_from_notify(payload, self.key_columns)
         except BadChange as exc:
-            sink.bad_input("notify_payload", f"{exc}: {payload[:200]!r}")
+            sink.bad_input(BadInputKind.NOTIFY_PAYLOAD, f"{exc}: {payload[:200]!r}")
             return
         if self.key_columns is not None and change.table not in self.key_columns:
             return

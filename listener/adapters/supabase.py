@@ -30,7 +30,7 @@ from listener.adapters.calls import (
 from listener.changes import CHANGE_TYPES, BadChange, Change, key_of
 from listener.instants import BadInstant, Instant, parse_instant
 from listener.retry import retrying
-from listener.source import Backoff, ChangeSink
+from listener.source import Backoff, BadInputKind, ChangeSink
 from listener.rules.model import Recipient
 from listener.rules.query import TableQuery
 from listener.store import (
@@ -541,11 +541,11 @@ class RealtimeSource:
             change = change_from_realtime(payload, query, self.schema)
         except BadChange as exc:
             with contextlib.suppress(Exception):
-                sink.bad_input("realtime_payload", f"{exc}: {str(payload)[:200]}", query.table)
+                sink.bad_input(BadInputKind.REALTIME_PAYLOAD, f"{exc}: {str(payload)[:200]}", query.table)
             return
         except Exception as exc:  # noqa: BLE001
             with contextlib.suppress(Exception):
-                sink.bad_input("realtime_payload",
+                sink.bad_input(BadInputKind.REALTIME_PAYLOAD,
                                f"unreadable ({exc!r}): {str(payload)[:200]}", query.table)
             return
         try:
