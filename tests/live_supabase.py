@@ -2,6 +2,8 @@
 against the Realtime and PostgREST test servers, fed by a real database."""
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ from listener.instants import HOUR
 from listener.rules import load_rules
 from listener.rules.query import table_queries
 from listener.runtime import recipients_of
-from tests.live import FAST, LiveDaemon, eventually
+from tests.live import FAST, LiveDaemon, eventually, seed_people
 from tests.servers.postgrest_server import SERVICE_ROLE_KEY, SupabaseStack, setup_supabase_roles
 
 # The migrations whose grants name the API roles: re-run once the roles exist
@@ -32,6 +34,16 @@ async def prepare_supabase_database(conninfo: str) -> None:
     with psycopg.connect(conninfo, autocommit=True) as conn:
         for name in GRANTING:
             conn.execute(folder.joinpath(name).read_text(encoding="utf-8"))
+
+
+@contextlib.asynccontextmanager
+async def supabase_stack(conninfo: str) -> AsyncIterator[SupabaseStack]:
+    """The PostgREST and Realtime test servers over a database prepared as a
+    Supabase project's, with the people the rules' emails go to."""
+    seed_people(conninfo)
+    await prepare_supabase_database(conninfo)
+    async with SupabaseStack(conninfo) as stack:
+        yield stack
 
 
 class LiveSupabaseDaemon(LiveDaemon):

@@ -405,12 +405,9 @@ async def test_forged_notify_payloads_are_counted_and_blind_nobody(database: str
 
 @pytest.fixture
 async def stack(database: str):
-    from tests.live_supabase import prepare_supabase_database
-    from tests.servers.postgrest_server import SupabaseStack
+    from tests.live_supabase import supabase_stack
 
-    seed_people(database)
-    await prepare_supabase_database(database)
-    async with SupabaseStack(database) as s:
+    async with supabase_stack(database) as s:
         yield s
 
 

@@ -28,8 +28,8 @@ from listener.rules.query import table_queries
 from listener.runtime import ConfigError, recipients_of
 from listener.settings import Settings
 from listener.store import all_tracked
-from tests.live import FAST, MECHANIC, eventually, insert_session, ledger, query, seed_people
-from tests.live_supabase import LiveSupabaseDaemon, prepare_supabase_database
+from tests.live import FAST, MECHANIC, eventually, insert_session, ledger, query
+from tests.live_supabase import LiveSupabaseDaemon, supabase_stack
 from tests.servers.postgrest_server import ANON_KEY, SERVICE_ROLE_KEY, SupabaseStack
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # realtime 2.34 / websockets
@@ -42,9 +42,7 @@ SESSIONS = QUERIES["sessions"]
 
 @pytest.fixture
 async def stack(database: str):
-    seed_people(database)
-    await prepare_supabase_database(database)
-    async with SupabaseStack(database) as s:
+    async with supabase_stack(database) as s:
         yield s
 
 
