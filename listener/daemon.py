@@ -600,12 +600,13 @@ class Term:
             since = self._watermarks.get(table)
             if since is None:
                 continue
+            newest = since
+            start = since - CATCH_UP_OVERLAP
             while True:
-                rows = await self.store.changed_since(table, since - CATCH_UP_OVERLAP,
-                                                      CATCH_UP_PAGE)
+                rows = await self.store.changed_since(table, start, CATCH_UP_PAGE)
                 # Rows come in order of their stamps: the newest is the last one
                 # that reads (parsing every row's unique stamp was most of the work).
-                newest = since
+                stamp = None
                 for row in reversed(rows):
                     try:
                         stamp = parse_instant(row.get("_changed_at")) \
@@ -628,10 +629,18 @@ class Term:
                         continue
                     if self._upsert(table, key, row) > 0:
                         found += 1
-                self._watermarks[table] = newest
-                if len(rows) < CATCH_UP_PAGE or newest == since:
+                if len(rows) < CATCH_UP_PAGE:
                     break
-                since = newest + CATCH_UP_OVERLAP  # a full page: go on from its last row
+                if stamp is None or stamp <= start:
+                    # A full page within one instant: the next would begin with the
+                    # same rows. The full sweep reads what this read cannot.
+                    self._sweep_requested.set()
+                    break
+                # A full page (a burst): the next one starts at its last row's stamp.
+                # Paged from the watermark less the overlap instead, a burst of more
+                # rows than a page within the overlap read that same page for ever.
+                start = stamp
+            self._watermarks[table] = newest
         if found:
             metrics.CATCH_UPS.inc(found)
             log.info("caught_up", rows=found)

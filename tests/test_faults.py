@@ -10,8 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import pytest
 import structlog
 
+from listener import daemon as daemon_module
 from listener import metrics
 from listener.adapters.calls import CONTACTS, TRACKED_ROWS, key_fits_type
 from listener.adapters.source_notify import NotifySource
@@ -72,6 +74,35 @@ async def test_a_change_the_source_dropped_is_acted_on_within_seconds(
     print(f"\ndropped change acted on {elapsed:.2f} s after its commit")
     assert query(database, "select status from public.sessions where id = %s", sid) == [
         ("expired",)]
+
+
+async def test_a_change_dropped_after_a_burst_larger_than_a_page_is_still_found(
+        database: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A burst of more changed rows than one page of the incremental read, within
+    # its overlap: the read must page on past it to the change the source lost.
+    monkeypatch.setattr(daemon_module, "CATCH_UP_PAGE", 50)
+    seed_people(database)
+    source = DroppingSource(database, idle_probe=2.0)
+    async with LiveDaemon(database, tmp_path, env={}, source=source, reconcile_s=600) as live:
+        await live.active()
+        with psycopg.connect(database, autocommit=True) as conn:
+            conn.execute("insert into public.sessions (status, customer_user_id) "
+                         "select 'pending', '22222222-2222-4222-8222-222222222222' "
+                         "from generate_series(1, 400)")
+        await asyncio.sleep(2.5)  # an incremental read or two over the burst alone
+        sid = "0a000000-0000-4000-8000-00000000001d"
+        source.drop.add(sid)
+        committed = time.monotonic()
+        with psycopg.connect(database, autocommit=True) as conn:
+            conn.execute("insert into public.sessions (id, status, customer_user_id, "
+                         "status_changed_at) values (%s, 'pending', "
+                         "'22222222-2222-4222-8222-222222222222', now() - interval '16 minutes')",
+                         (sid,))
+        await eventually(lambda: any(r.key.row_key == sid for r in live.fired("request_expiry")),
+                         timeout=10)
+        elapsed = time.monotonic() - committed
+    assert source.dropped >= 1, "the change was not dropped: the test proves nothing"
+    assert elapsed < 5.0, f"found {elapsed:.2f} s after its commit"
 
 
 async def test_extreme_timestamps_are_bad_columns_and_blind_nobody(
