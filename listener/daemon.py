@@ -58,6 +58,11 @@ QUEUE_LIMIT = 100_000
 CATCH_UP_S = 2.0
 CATCH_UP_OVERLAP = 3 * SECOND
 CATCH_UP_PAGE = 2000
+# Sweeps after the first read pages of this many rows. A page is decoded in
+# one go on the event loop (a 5,000-row page took 5-20 ms, every timer due
+# meanwhile that late); the first sweep keeps the store's larger pages, where
+# start-up time is what counts.
+STEADY_SWEEP_PAGE = 1000
 # Long work on the event loop (sweep and catch-up pages, a backlog of
 # changes) hands the loop back after this long, so a timer due meanwhile is
 # popped at most about this late.
@@ -669,7 +674,8 @@ class Term:
         for table in self.sweep_order:
             self._watermarks.setdefault(table, started)
             seen: set[str] = set()
-            async for page in self.store.tracked_pages(table):
+            async for page in self.store.tracked_pages(
+                    table, STEADY_SWEEP_PAGE if self._swept_once else None):
                 slices.restart()
                 count += len(page)
                 for row in page:

@@ -116,9 +116,11 @@ class Fenced(Exception):
 
 
 class Store(Protocol):
-    def tracked_pages(self, table: str) -> AsyncIterator[list[dict[str, Any]]]:
+    def tracked_pages(self, table: str,
+                      page: int | None = None) -> AsyncIterator[list[dict[str, Any]]]:
         """Every row of `table` a rule may care about (its conditions, from the
-        TableQuery the store was built with), in pages, with `_version`."""
+        TableQuery the store was built with), in pages of `page` rows (the
+        store's own size when None), with `_version`."""
 
     async def changed_since(self, table: str, since: Instant,
                             limit: int) -> list[dict[str, Any]]:

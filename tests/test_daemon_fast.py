@@ -248,12 +248,13 @@ class BuggyStore(MemoryStore):
         super().__init__(**kwargs)
         self.bug_armed = False
 
-    async def tracked_pages(self, table: str) -> AsyncIterator[list[dict[str, Any]]]:
+    async def tracked_pages(self, table: str, page: int | None = None
+                            ) -> AsyncIterator[list[dict[str, Any]]]:
         if self.bug_armed:
             self.bug_armed = False
             raise RuntimeError("injected bug in the sweep")
-        async for page in super().tracked_pages(table):
-            yield page
+        async for rows in super().tracked_pages(table, page):
+            yield rows
 
 
 async def test_a_bug_in_the_sweep_is_logged_as_a_bug_and_the_next_sweep_runs(
@@ -294,10 +295,11 @@ class FlakyStore(MemoryStore):
             self.refused += 1
             raise StoreUnavailable(f"{operation}: memory store unavailable", operation=operation)
 
-    async def tracked_pages(self, table: str) -> AsyncIterator[list[dict[str, Any]]]:
+    async def tracked_pages(self, table: str, page: int | None = None
+                            ) -> AsyncIterator[list[dict[str, Any]]]:
         self._check("tracked_pages")
-        async for page in super().tracked_pages(table):
-            yield page
+        async for rows in super().tracked_pages(table, page):
+            yield rows
 
     async def changed_since(self, *args: Any) -> Any:
         self._check("changed_since")
@@ -356,3 +358,32 @@ async def test_an_unavailable_store_reads_unreachable_and_the_daemon_recovers(
         assert live.store.tables["sessions"][sid(30)]["status"] == "expired"
         assert len(live.results.of(sid(30))) == len(live.ledger(sid(30)))
         assert live.daemon.readiness.role == "active"
+
+
+class PageSizeStore(MemoryStore):
+    """The memory store, noting the page size each sweep asks for."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.sweeps_done = lambda: 0
+        self.asked: list[tuple[int, int | None]] = []
+
+    async def tracked_pages(self, table: str, page: int | None = None
+                            ) -> AsyncIterator[list[dict[str, Any]]]:
+        self.asked.append((self.sweeps_done(), page))
+        async for rows in super().tracked_pages(table, page):
+            yield rows
+
+
+async def test_sweeps_after_the_first_read_small_pages(tmp_path: Path) -> None:
+    # Each page is decoded in one go on the event loop: later sweeps, when timers
+    # are due, read small ones; the first (start-up) reads the store's large ones.
+    store = PageSizeStore()
+    async with running(tmp_path, store=store, reconcile_s=0.3) as live:
+        store.sweeps_done = lambda: live.events.sweeps
+        await live.wait(live.events.active)
+        await asyncio.wait_for(live.events.swept(3), WAIT)
+    first = {page for sweeps, page in store.asked if sweeps == 0}
+    later = {page for sweeps, page in store.asked if 0 < sweeps < 3}
+    assert first == {None}
+    assert later == {daemon_module.STEADY_SWEEP_PAGE}

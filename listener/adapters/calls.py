@@ -330,30 +330,33 @@ class CallingStore:
 
     # -- reads ---------------------------------------------------------------------------
 
-    async def tracked_pages(self, table: str) -> AsyncIterator[list[dict[str, Any]]]:
+    async def tracked_pages(self, table: str,
+                            page: int | None = None) -> AsyncIterator[list[dict[str, Any]]]:
         """Pages of tracked rows, keyset by key; the next page is fetched while
         the caller digests this one (at start-up the wait and the parsing overlap)."""
         query = query_json(self.queries, table)
         key = query["key"]
-        ahead = asyncio.ensure_future(self._page(query, None))
+        size = self.page if page is None else max(1, min(page, MAX_PAGE))
+        ahead = asyncio.ensure_future(self._page(query, None, size))
         try:
             while True:
-                page = await ahead
-                if not page:
+                rows = await ahead
+                if not rows:
                     return
-                last = row_key_of(page[-1], key) if isinstance(page[-1], dict) else None
-                if len(page) < self.page or last is None:
-                    yield page  # the last page (or garbage: the daemon reports the rows)
+                last = row_key_of(rows[-1], key) if isinstance(rows[-1], dict) else None
+                if len(rows) < size or last is None:
+                    yield rows  # the last page (or garbage: the daemon reports the rows)
                     return
-                ahead = asyncio.ensure_future(self._page(query, last))
-                yield page
+                ahead = asyncio.ensure_future(self._page(query, last, size))
+                yield rows
         finally:
             ahead.cancel()
             ahead.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved
 
-    async def _page(self, query: dict[str, Any], after: str | None) -> list[dict[str, Any]]:
+    async def _page(self, query: dict[str, Any], after: str | None,
+                    size: int) -> list[dict[str, Any]]:
         return await self._call(TRACKED_ROWS, {"p_query": query, "p_after": after,
-                                               "p_limit": self.page})
+                                               "p_limit": size})
 
     async def changed_since(self, table: str, since: Instant, limit: int) -> list[dict[str, Any]]:
         return await self._call(CHANGED_ROWS, {"p_query": query_json(self.queries, table),

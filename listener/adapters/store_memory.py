@@ -221,15 +221,17 @@ class MemoryStore:
 
     # -- the Store port ----------------------------------------------------------------
 
-    async def tracked_pages(self, table: str) -> AsyncIterator[list[dict[str, Any]]]:
+    async def tracked_pages(self, table: str,
+                            page: int | None = None) -> AsyncIterator[list[dict[str, Any]]]:
+        size = self.page if page is None else max(1, min(page, MAX_PAGE))
         query = query_json(self.queries, table)
         key_column = query["key"]
         rows = sorted(((k, r) for k, r in self.tables.get(table, {}).items()
                        if self._tracked(table, k, r, query)),
                       key=lambda kr: _sortable(kr[1].get(key_column)))
         views = [self._view(table, r) for _, r in rows]
-        for start in range(0, len(views), self.page):
-            yield views[start:start + self.page]
+        for start in range(0, len(views), size):
+            yield views[start:start + size]
 
     async def changed_since(self, table: str, since: Instant, limit: int) -> list[dict[str, Any]]:
         key_column = self._key_column(table)
