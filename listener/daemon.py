@@ -628,9 +628,10 @@ class Term:
                     key = self._key_of(table, row)
                     if key is None:
                         continue
-                    known = engine.row(table, key)
-                    if known is not None and known._version is not None \
-                            and known._version == row.get("_version"):
+                    # Most rows read are ones memory has seen at this version,
+                    # those that owe nothing (forgotten) among them.
+                    version = row.get("_version")
+                    if version is not None and engine.seen_version(table, key) == version:
                         continue
                     if self._upsert(table, key, row) > 0:
                         found += 1

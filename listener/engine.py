@@ -207,6 +207,16 @@ class Engine:
         state = self.tables.get(table)
         return None if state is None else state.rows.get(key)
 
+    def seen_version(self, table: str, key: str) -> str | None:
+        """The version of the row as memory holds it, or as it was when memory
+        last forgot it (it owed nothing then, and the same version owes
+        nothing now); None when memory knows neither."""
+        ts = self.tables.get(table)
+        if ts is None:
+            return None
+        state = ts.rows.get(key) or ts.tombstones.get(key)
+        return None if state is None else state._version
+
     @property
     def tracked(self) -> int:
         return sum(len(t.rows) for t in self.tables.values())

@@ -43,6 +43,19 @@ def test_fired_episodes_survive_forgetting_a_terminal_session() -> None:
     assert drain(e, T + MINUTE) == []
 
 
+def test_the_version_of_a_forgotten_row_is_still_seen() -> None:
+    # The incremental read skips a row memory has seen at its version, also one
+    # it forgot because it owed nothing: reparsing it every read was wasted work.
+    e = engine()
+    e.upsert(SESSIONS, {**row(), "_version": "7"}, T)
+    assert e.seen_version(SESSIONS, "s1") == "7"
+    e.upsert(SESSIONS, {**row(status="cancelled"), "_version": "8"}, T)
+    assert "s1" not in e.tables[SESSIONS].rows  # nothing owed: forgotten
+    assert e.seen_version(SESSIONS, "s1") == "8"
+    assert e.seen_version(SESSIONS, "s2") is None
+    assert e.seen_version("no_such_table", "s1") is None
+
+
 def test_release_gives_a_timer_back() -> None:
     e = engine()
     e.upsert(SESSIONS, row(), T)
