@@ -455,16 +455,31 @@ class Term:
 
     async def _timer_loop(self, due_timers: asyncio.Queue[tuple[Timer, Instant] | None]) -> None:
         engine, clock, loop = self.engine, self.clock, asyncio.get_running_loop()
-        while True:
+
+        def dispatch() -> None:
             now = clock.now()
             while (timer := engine.pop_due(now)) is not None:
                 due_timers.put_nowait((timer, now))
+
+        def on_time() -> None:
+            # The due timers go to the workers from the timer's own callback: a
+            # wake-up of this task first would cost them one more pass of the
+            # event loop (and whatever else that pass runs).
+            try:
+                dispatch()
+            except Exception:  # noqa: BLE001 - raised again below, in the supervised task
+                pass
+            self._poke()
+
+        while True:
+            dispatch()
             metrics.TIMERS_ARMED.set(engine.armed)
             metrics.SESSIONS_TRACKED.set(engine.tracked)
             due = engine.next_due()
+            now = clock.now()
             wait = MAX_WAIT_S if due is None else min(MAX_WAIT_S, max(0.0, (due - now) / SECOND))
             self._wake = loop.create_future()
-            handle = loop.call_later(wait, self._poke)
+            handle = loop.call_later(wait, on_time)
             try:
                 await self._wake
             finally:
