@@ -65,8 +65,9 @@ CATCH_UP_PAGE = 2000
 STEADY_SWEEP_PAGE = 1000
 # Long work on the event loop (sweep and catch-up pages, a backlog of
 # changes) hands the loop back after this long, so a timer due meanwhile is
-# popped at most about this late.
-SLICE_S = 0.002
+# popped at most about this late. A pass costs about 10 us: 2 ms slices had
+# made firing lateness p99 a third worse than 0.5 ms ones, for no throughput.
+SLICE_S = 0.0005
 # A timer whose action raised is handed back after this long.
 GIVE_BACK_TRANSIENT_S = 1.0
 GIVE_BACK_BUG_S = 30.0
