@@ -57,7 +57,7 @@ QUEUE_LIMIT = 100_000
 # healthy within a few seconds; the full sweep still covers deletes.
 CATCH_UP_S = 2.0
 CATCH_UP_OVERLAP = 3 * SECOND
-CATCH_UP_PAGE = 2000
+CATCH_UP_PAGE = 500
 # Sweeps after the first read pages of this many rows. A page is decoded in
 # one go on the event loop (a 5,000-row page took 5-20 ms, every timer due
 # meanwhile that late); the first sweep keeps the store's larger pages, where
