@@ -281,7 +281,10 @@ class MemoryStore:
                 ledger[key] = LedgerEntry(request.finish, fence.holder, fence.token, 1, changes,
                                           request.fired_at, request.lateness_ms,
                                           dict(request.detail or {}))
-                return Fired(CLAIMED, changes, 1, self._view(table, row) if checked else None)
+                # The row is answered only when this call changed it: otherwise it is
+                # at the caller's version, and nothing follows the claim to read it.
+                # Copying it anyway was a third of the call (its values are cold).
+                return Fired(CLAIMED, changes, 1, self._view(table, row) if changes else None)
             entry = ledger[key] = LedgerEntry("claimed", fence.holder, fence.token,
                                               fired_at=request.fired_at)
         elif entry.state != "claimed":
