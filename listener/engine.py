@@ -5,12 +5,16 @@ the same engine runs under the live scheduler and under replay.
 
 Timers live in one heap of (due, rule index, row key); the rule index names the
 table, and rules are numbered in table order, so the heap's order is the
-firing order: due instant, then table order, then key. An entry is never
-removed when a change makes it obsolete; it is checked when it comes due
-(lazy invalidation): each tracked state keeps the entries of the episodes it
-owes (`_queued`, computed once per change), and a popped entry fires only if
-the row's current state still holds it. That keeps a change O(rules of its
-table), a stale entry's check one lookup, and memory per row small.
+firing order: due instant, then table order, then key. Each tracked state
+keeps the entries of the episodes it owes (`_queued`, computed once per
+change, soonest first), and only the soonest of them needs to be in the heap:
+every other one comes after it, so it is pushed when the one before it fires.
+Most episodes never fire (the row moves on first), so most are never pushed.
+An entry is never removed when a change makes it obsolete; it is checked when
+it comes due (lazy invalidation): a popped entry fires only if the row's
+current state still holds it, and then it is the row's soonest. That keeps a
+change O(rules of its table), a stale entry's check one lookup, and memory
+per row small.
 """
 from __future__ import annotations
 
@@ -281,7 +285,6 @@ class Engine:
         `old_queued`; the number of episodes newly owed."""
         fired = new._fired
         row_key = new._key
-        heap = self._heap
         queued = []
         added = 0
         for index, due_of in ts.for_status.get(getattr(new, ts.status), ts.always):
@@ -289,19 +292,23 @@ class Engine:
             if due is None or (fired and (index, due) in fired):
                 continue
             entry = (due, index, row_key)
-            # An episode owed before at the same instant is in the heap already.
             if not old_queued or entry not in old_queued:
-                heapq.heappush(heap, entry)
                 added += 1
             queued.append(entry)
         self.armed += len(queued) - len(old_queued)
         if queued:
+            if len(queued) > 1:
+                queued.sort()
+            # Only the soonest is pushed; the state owed it before if it was
+            # the soonest then too, and then it is in the heap already.
+            if not old_queued or old_queued[0] != queued[0]:
+                heapq.heappush(self._heap, queued[0])
             new._queued = tuple(queued)
             ts.rows[key] = new
         else:
             new._queued = ()
             self._forget(ts, key, new)
-        if len(heap) > 4 * self.armed + 10_000:
+        if len(self._heap) > 4 * self.armed + 10_000:
             self._compact()
         return added
 
@@ -379,7 +386,8 @@ class Engine:
     def _live(self, entry: tuple[Instant, int, str]) -> RowState | None:
         """The row's state if it still owes the episode of this heap entry."""
         state = self._rule_table[entry[1]].rows.get(entry[2])
-        return state if state is not None and entry in state._queued else None
+        # Held, it is the row's soonest (see pop_due).
+        return state if state is not None and state._queued[:1] == (entry,) else None
 
     def next_due(self) -> Instant | None:
         """The earliest instant a timer may be due (obsolete entries dropped first)."""
@@ -403,17 +411,20 @@ class Engine:
         heap = self._heap
         while heap and heap[0][0] <= until:
             entry = heapq.heappop(heap)
-            # _live, inlined: most entries popped are obsolete, checked and dropped here.
+            # _live, inlined: many entries popped are obsolete, checked and dropped here.
             due, index, key = entry
             ts = self._rule_table[index]
             state = ts.rows.get(key)
             if state is None:
                 continue
             queued = state._queued
-            if entry not in queued:
+            # A held entry popped is the row's soonest: the soonest is always
+            # in the heap, and nothing in the heap comes before this one.
+            if not queued or queued[0] != entry:
                 continue
-            at = queued.index(entry)
-            state._queued = queued[:at] + queued[at + 1:]
+            state._queued = rest = queued[1:]
+            if rest:
+                heapq.heappush(heap, rest[0])
             state._fired += ((index, due),)
             self.armed -= 1
             return Timer(self.rules[index], index, ts.name, key, due)
@@ -437,7 +448,7 @@ class Engine:
         if self._due[timer.rule_index](state) == timer.due:
             self.armed += 1
             entry = (timer.due, timer.rule_index, state._key)
-            state._queued += (entry,)
+            state._queued = tuple(sorted(state._queued + (entry,)))
             heapq.heappush(self._heap, entry)
 
     def settle(self, table: str, key: str) -> None:
@@ -491,9 +502,9 @@ class Engine:
     def _compact(self) -> None:
         # Obsolete entries normally drain as they come due; a row whose far-future
         # deadline moves often would grow the heap without bound, so _arm
-        # rebuilds it past four times the armed episodes.
-        self._heap = [entry for ts in self.tables.values()
-                      for state in ts.rows.values() for entry in state._queued]
+        # rebuilds it past four times the armed episodes, of each row's soonest.
+        self._heap = [state._queued[0] for ts in self.tables.values()
+                      for state in ts.rows.values() if state._queued]
         heapq.heapify(self._heap)
 
 

@@ -39,6 +39,8 @@ STORE_ATTEMPTS = 5
 STORE_GIVE_UP_S = 30.0
 # Timeline levels the app's session_logs accepts, by outcome.
 TIMELINE_LEVEL = {Outcome.FIRED: "info", Outcome.LATE: "warn", Outcome.FAILED: "error"}
+# An outcome's text without the enum's value property (a Python call).
+OUTCOME_TEXT = {outcome: outcome.value for outcome in Outcome}
 
 
 @dataclass(slots=True)
@@ -227,9 +229,13 @@ class Executor:
     def _request(self, key: ActionKey, decision: Decision, version: str | None,
                  fired_at: int) -> FireRequest:
         rule = decision.timer.rule
-        acting = decision.outcome is not Outcome.SKIPPED
-        emails, webhook = self._effects(rule, decision)
-        finish = None if emails or webhook else decision.outcome
+        outcome = decision.outcome
+        acting = outcome is not Outcome.SKIPPED
+        # _effects, inlined: asked once per action.
+        emails = (outcome is Outcome.FIRED and decision.recipients
+                  and self.deliverer is not None)
+        webhook = rule.webhook and acting and self.webhooks is not None
+        finish = None if emails or webhook else outcome
         detail: dict[str, Any] = {}
         if decision.detail:
             detail["why"] = decision.detail
@@ -250,7 +256,7 @@ class Executor:
         return FireRequest(
             key, at, version, expected,
             rule.set_status if changes else None, rule.reason if changes else None,
-            None if finish is None else finish.value,
+            None if finish is None else OUTCOME_TEXT[finish],
             None if finish is None else lateness_ms, detail,
             dict(rule.set_columns) if rule.set_columns and acting else None,
             None if finish is None or not self.timeline

@@ -42,8 +42,8 @@ class ReplayStats:
 def result_line(result: ActionResult, webhooks: Mapping[str, str | None]) -> dict:
     """The printed line of an action; `webhooks`: each rule's webhook event by rule name."""
     key = result.key
-    out: dict = {"at": format_instant(result.fired_at), "rule": key.rule, "table": key.table,
-                 "row_id": key.row_key}
+    at = format_instant(result.fired_at)
+    out: dict = {"at": at, "rule": key.rule, "table": key.table, "row_id": key.row_key}
     if key.table == "sessions":
         out["session_id"] = key.row_key
     if result.status:
@@ -51,7 +51,8 @@ def result_line(result: ActionResult, webhooks: Mapping[str, str | None]) -> dic
         out["reason"] = result.reason
     if result.outcome is Outcome.LATE:
         out["late"] = True
-    out["due_at"] = format_instant(key.due_at)
+    # Replay fires each timer at its due instant: the same text, made once.
+    out["due_at"] = at if key.due_at == result.fired_at else format_instant(key.due_at)
     if result.recipients:
         out["recipients"] = list(result.recipients)
     webhook = webhooks[key.rule]
@@ -83,9 +84,10 @@ class Replay:
                                  on_result=collect, timeline=False, metered=False)
 
     async def fire_until(self, limit: Instant) -> None:
-        while (timer := self.engine.pop_due(limit)) is not None:
-            self.clock.advance_to(timer.due)
-            await self.executor.run(timer, self.clock.now())
+        pop_due, clock, run = self.engine.pop_due, self.clock, self.executor.run
+        while (timer := pop_due(limit)) is not None:
+            clock.advance_to(timer.due)
+            await run(timer, clock.now())
 
     async def apply(self, change: Change, owned: bool = False) -> Applied | None:
         """Apply one change at its instant (never before the clock); None when

@@ -62,7 +62,9 @@ class Fired(NamedTuple):
     outcome: FireOutcome
     status_applied: bool = False  # the status change is made (now or by an earlier attempt)
     attempts: int = 1
-    row: dict[str, Any] | None = None  # the row after the change (CLAIMED), or as it is now
+    # The row after the change (CLAIMED), or as it is now. A claim finished in its
+    # call that changed nothing may come without it: the row is at the version asked.
+    row: dict[str, Any] | None = None
 
 
 class FireRequest(NamedTuple):

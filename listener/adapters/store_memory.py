@@ -257,20 +257,38 @@ class MemoryStore:
         if self.lease is not None and self._fenced(fence):
             return Fired(FENCED)
         key = request.key
-        query = self.queries[key.table]
-        rows = self.tables.get(key.table)
+        table = key.table
+        query = self.queries[table]
+        rows = self.tables.get(table)
         row = rows.get(key.row_key) if rows is not None else None
         changes = request.status is not None or request.set_columns is not None
-        checked = request.version is not None or changes
+        version = request.version
+        checked = version is not None or changes
         if checked:
             if row is None:
                 return Fired(MISSING)
-            if request.version is not None and row.get("_version") != request.version:
-                return Fired(STALE, row=self._view(key.table, row))
-        entry = self.ledger.get(key)
+            if version is not None and row.get("_version") != version:
+                return Fired(STALE, row=self._view(table, row))
+        ledger = self.ledger
+        entry = ledger.get(key)
         if entry is None:
-            entry = self.ledger[key] = LedgerEntry("claimed", fence.holder, fence.token,
-                                                   fired_at=request.fired_at)
+            # A first claim finished in the same call (nearly every one): the
+            # entry is made in its final state at once, unless the
+            # compare-and-set may stop it between the claim and the finish.
+            if request.finish is not None and (not changes or self._may_change(row, query, request)):
+                if changes:
+                    self._change(row, query, request)
+                if request.timeline:
+                    self._insert_timeline(request.timeline)
+                ledger[key] = LedgerEntry(request.finish, fence.holder, fence.token, 1, changes,
+                                          request.fired_at, request.lateness_ms,
+                                          dict(request.detail or {}))
+                # The row is answered only when this call changed it: otherwise it is
+                # at the caller's version, and nothing follows the claim to read it.
+                # Copying it anyway was a third of the call (its values are cold).
+                return Fired(CLAIMED, changes, 1, self._view(table, row) if changes else None)
+            entry = ledger[key] = LedgerEntry("claimed", fence.holder, fence.token,
+                                              fired_at=request.fired_at)
         elif entry.state != "claimed":
             return Fired(DONE)
         else:
@@ -280,7 +298,7 @@ class MemoryStore:
             current = row.get(query.status) if query.status else None
             if request.expected is not None and (current is None
                                                  or str(current) not in request.expected):
-                return Fired(CONFLICT, attempts=entry.attempts, row=self._view(key.table, row))
+                return Fired(CONFLICT, attempts=entry.attempts, row=self._view(table, row))
             self._change(row, query, request)
             entry.status_applied = True
         if request.finish is not None:
@@ -290,7 +308,17 @@ class MemoryStore:
             entry.state, entry.fired_at, entry.lateness_ms, entry.detail = (
                 request.finish, request.fired_at, request.lateness_ms, detail)
         return Fired(CLAIMED, entry.status_applied, entry.attempts,
-                     self._view(key.table, row) if checked and row is not None else None)
+                     self._view(table, row) if checked and row is not None else None)
+
+    def _may_change(self, row: dict[str, Any], query: TableQuery, request: FireRequest) -> bool:
+        """Whether the compare-and-set of `request` succeeds on `row` (else the
+        claim is made and then answered as a conflict, or _change raises)."""
+        if query.status is None:
+            return request.status is None and request.expected is None
+        if request.expected is None:
+            return True
+        current = row.get(query.status)
+        return current is not None and str(current) in request.expected
 
     def _change(self, row: dict[str, Any], query: TableQuery, request: FireRequest) -> None:
         stamp = format_instant(request.fired_at)
