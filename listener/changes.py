@@ -85,7 +85,10 @@ def change_from_payload(payload: Any, *, require_at: bool = False,
         return Change(kind, table, key_of(old, column, table), None, at)
     if not isinstance(record, dict):
         raise BadChange(f"{table}: {kind.value} needs a record object")
-    return Change(kind, table, key_of(record, column, table), record, at)
+    key = record.get(column)
+    if type(key) is not str or not 0 < len(key) <= MAX_KEY_LENGTH:  # key_of, for what is not text
+        key = key_of(record, column, table)
+    return Change(kind, table, key, record, at)
 
 
 def change_from_line(line: str, key_columns: Mapping[str, str] | None = None) -> Change:

@@ -112,7 +112,7 @@ class Replay:
             self.engine.delete(change.table, change.key)
             return Applied(change.table, change.key, [])
         assert change.record is not None
-        row = self.store.write(change.table, change.record, at, owned=owned)
+        row = self.store.write(change.table, change.record, at, owned=owned, key=change.key)
         return self.engine.upsert(change.table, row, at)
 
     async def finish(self, until: Instant | None) -> None:
@@ -161,7 +161,7 @@ async def _replay_lines(replay: Replay, lines: Iterable[str], stats: ReplayStats
     for number, line in enumerate(lines, 1):
         if number % COLLECT_EVERY == 0:
             gc.collect()
-        if not line.strip():
+        if not line or line.isspace():
             continue
         stats.lines += 1
         try:

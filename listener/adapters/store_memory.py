@@ -87,20 +87,22 @@ class MemoryStore:
         return query.key if query is not None else "id"
 
     def write(self, table: str, record: dict[str, Any], at: Instant, *,
-              owned: bool = False) -> dict[str, Any]:
+              owned: bool = False, key: str | None = None) -> dict[str, Any]:
         """Store a row as the database would: status_changed_at stamped like the
         trigger does on a table whose rules anchor on it (a writer that sets it
         itself is trusted), a new version. Returns the stored row.
 
         `owned`: the caller gives `record` up (replay parsed it for this write
-        alone), so it is stored as it is rather than copied."""
+        alone), so it is stored as it is rather than copied. `key`: the row's
+        key as text, when the caller has read it already."""
         query = self.queries.get(table)
-        key_column = query.key if query is not None else "id"
-        key = record.get(key_column)
-        if type(key) is not str:  # nearly every key is text: row_key_of reads the rest
-            key = row_key_of(record, key_column)
         if key is None:
-            raise ValueError(f"{table}: row has no usable {key_column}")
+            key_column = query.key if query is not None else "id"
+            key = record.get(key_column)
+            if type(key) is not str:  # nearly every key is text: row_key_of reads the rest
+                key = row_key_of(record, key_column)
+            if key is None:
+                raise ValueError(f"{table}: row has no usable {key_column}")
         rows = self.tables.get(table)
         if rows is None:
             rows = self.tables[table] = {}
