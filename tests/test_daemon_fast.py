@@ -387,3 +387,36 @@ async def test_sweeps_after_the_first_read_small_pages(tmp_path: Path) -> None:
     later = {page for sweeps, page in store.asked if 0 < sweeps < 3}
     assert first == {None}
     assert later == {daemon_module.STEADY_SWEEP_PAGE}
+
+
+async def test_the_incremental_read_skips_rows_memory_forgot_at_the_same_version(
+        tmp_path: Path) -> None:
+    # A row that owes nothing is forgotten; the incremental read meets it again
+    # (every changed row, tracked or not) and must not parse and arm it anew.
+    async with running(tmp_path) as live:
+        await live.wait(live.events.active)
+        term = live.daemon.term
+        live.source.write("sessions", {"id": sid(30), "status": "cancelled",
+                                       "customer_user_id": CUSTOMER})
+        engine = live.daemon.engine
+        for _ in range(100):
+            if engine.seen_version("sessions", sid(30)) is not None:
+                break
+            await asyncio.sleep(0.01)
+        assert engine.row("sessions", sid(30)) is None, "owes nothing: forgotten"
+        assert engine.seen_version("sessions", sid(30)) is not None
+        applied: list[str] = []
+        upsert = term._upsert
+
+        def counting(table: str, key: str, row: Any) -> int:
+            applied.append(key)
+            return upsert(table, key, row)
+
+        term._upsert = counting  # type: ignore[method-assign]
+        await term.catch_up()
+        assert sid(30) not in applied
+        # A version memory has not seen is applied.
+        live.store.write("sessions", {"id": sid(30), "status": "pending",
+                                      "customer_user_id": CUSTOMER}, live.store.clock.now())
+        await term.catch_up()
+        assert sid(30) in applied
