@@ -373,7 +373,6 @@ async def test_forged_notify_payloads_are_counted_and_blind_nobody(database: str
             refused_total = 0
 
             def fuzz() -> None:
-                nonlocal refused_total
                 with psycopg.connect(database, autocommit=True) as conn:
 
                     @FUZZ
@@ -471,7 +470,6 @@ async def test_malformed_realtime_payloads_are_counted_and_blind_nobody(
                 return await stack.realtime.send_postgres_changes(payload)
 
             def fuzz() -> None:
-                nonlocal reached
                 with psycopg.connect(stack.conninfo, autocommit=True) as conn:
 
                     @FUZZ
