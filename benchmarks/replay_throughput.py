@@ -6,6 +6,10 @@ session. Prints a table, this release's figures next to release 1's; targets:
 
 Throughput is CPU time, the best of --repeat replays of the same log, each in a
 fresh engine: on a shared machine the other runs' load only ever slows one down.
+Release 1's throughput is measured in the same sitting, on the same log, by
+release 1's own code taken from git (`--release-1 REV`); machines differ by
+several times, so a figure recorded elsewhere is only printed, marked so, when
+git or that commit is not at hand.
 """
 from __future__ import annotations
 
@@ -13,7 +17,11 @@ import argparse
 import asyncio
 import gc
 import io
+import json
+import os
+import subprocess
 import sys
+import tempfile
 import time
 import tracemalloc
 from pathlib import Path
@@ -27,10 +35,29 @@ from listener.tables import format_table  # noqa: E402
 from listener.replay import run_replay  # noqa: E402
 from listener.rules import load_rules  # noqa: E402
 
-# Release 1 (commit fca1826) on the same 2-core machine, in the same sitting as
-# the figures the README gives for this release (its own README said 10,500).
-RELEASE_1_EVENTS_PER_S = "17,200"
+REPO = Path(__file__).resolve().parent.parent
+RELEASE_1 = "fca1826"
+# Release 1 on the development machine (its own README said 10,500 on another):
+# printed only when release 1 cannot be measured here.
+RELEASE_1_RECORDED_EVENTS_PER_S = "17,200 (recorded on another machine)"
 RELEASE_1_BYTES_PER_SESSION = "492 B"
+# Replays a log file with whatever `listener` is first on the path; prints the
+# best events per second (CPU time) of argv[2] runs.
+REPLAY_RATE = """
+import asyncio, gc, io, sys, time
+from listener.logs import configure_logging
+from listener.replay import run_replay
+from listener.rules import load_rules
+configure_logging("WARNING")
+lines = open(sys.argv[1]).read().splitlines()
+best = 0.0
+for _ in range(int(sys.argv[2])):
+    gc.collect()
+    started = time.process_time()
+    asyncio.run(run_replay(lines, load_rules({}), io.StringIO(), io.StringIO()))
+    best = max(best, len(lines) / (time.process_time() - started))
+print(best)
+"""
 
 
 def throughput(lines: list[str]) -> tuple[float, int]:
@@ -42,9 +69,34 @@ def throughput(lines: list[str]) -> tuple[float, int]:
     return len(lines) / elapsed, stats.actions
 
 
+def release_1_throughput(lines: list[str], revision: str, repeat: int) -> str:
+    """Release 1's best rate on the same log, from its own code in a temporary
+    directory; the recorded figure when git or the commit is not at hand."""
+    with tempfile.TemporaryDirectory() as scratch:
+        root = Path(scratch)
+        try:
+            archive = subprocess.run(["git", "-C", str(REPO), "archive", revision, "listener"],
+                                     capture_output=True, check=True, timeout=60).stdout
+            subprocess.run(["tar", "-x", "-C", scratch], input=archive, check=True, timeout=60)
+        except (OSError, subprocess.SubprocessError):
+            return RELEASE_1_RECORDED_EVENTS_PER_S
+        (root / "log.jsonl").write_text("\n".join(lines) + "\n")
+        (root / "rate.py").write_text(REPLAY_RATE)
+        # Release 1's own defaults: no rule or plan overrides from this shell.
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("RULE_", "RULES_")) and k != "PLAN_MINUTES"}
+        env["PYTHONPATH"] = scratch
+        done = subprocess.run([sys.executable, str(root / "rate.py"), str(root / "log.jsonl"),
+                               str(repeat)], capture_output=True, text=True, env=env, cwd=scratch,
+                              timeout=1800)
+        if done.returncode != 0:
+            print(done.stderr[-2000:], file=sys.stderr)
+            return RELEASE_1_RECORDED_EVENTS_PER_S
+        return f"{float(done.stdout.split()[-1]):,.0f} ({revision}, this machine)"
+
+
 def memory_per_session(count: int) -> float:
     lines = generate(count, seed=11)
-    import json
     # Keep only each session's first change: all of them pending or scheduled, tracked.
     firsts = {}
     for line in lines:
@@ -70,9 +122,12 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=20_000)
     parser.add_argument("--memory-sessions", type=int, default=100_000)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--release-1", default=RELEASE_1,
+                        help="the commit whose replay is measured beside this tree's")
     args = parser.parse_args()
     lines = generate(args.sessions)
     runs = [throughput(lines) for _ in range(max(1, args.repeat))]
+    release_1 = release_1_throughput(lines, args.release_1, max(1, args.repeat))
     rate = max(r for r, _ in runs)
     actions = runs[0][1]
     per_session = memory_per_session(args.memory_sessions)
@@ -80,7 +135,7 @@ def main() -> None:
             ("change events replayed", f"{len(lines):,}", "", ""),
             ("actions fired", f"{actions:,}", "", ""),
             (f"replay throughput (events/s, CPU time, best of {len(runs)})", f"{rate:,.0f}",
-             RELEASE_1_EVENTS_PER_S, ">= 50,000"),
+             release_1, ">= 50,000"),
             (f"memory per tracked session ({args.memory_sessions:,} sessions)",
              f"{per_session:,.0f} B", RELEASE_1_BYTES_PER_SESSION, "<= 1,024 B")]
     print(format_table(rows))
