@@ -3,6 +3,7 @@ embedded one (pgserver) otherwise; one fresh database per test, cloned from a
 template that has the reference schema and the migrations."""
 from __future__ import annotations
 
+import asyncio
 import os
 import tempfile
 import uuid
@@ -16,6 +17,7 @@ from listener import migrate
 from listener.instants import HOUR
 from listener.rules import load_rules
 from listener.rules.query import table_queries
+from tests.servers.postgrest_server import create_api_roles
 
 
 def _server_conninfo() -> tuple[str, object | None]:
@@ -69,6 +71,10 @@ def pg_template(pg_admin: str) -> Iterator[str]:
     with psycopg.connect(pg_admin, autocommit=True) as conn:
         conn.execute(f'drop database if exists "{name}"')
         conn.execute(f'create database "{name}"')
+    # Supabase's API roles exist before the migrations run, as on Supabase: the
+    # migrations grant service_role only a role that exists, and on a fresh
+    # cluster nothing else may have made them yet when the template is built.
+    asyncio.run(create_api_roles(pg_admin))
     # The shipped packs' per-table objects (triggers, columns), as `listener migrate` installs them.
     migrate.apply(with_dbname(pg_admin, name), include_reference=True,
                   queries=table_queries(load_rules({}), HOUR))

@@ -706,6 +706,26 @@ class PostgrestServer:
         return _HttpError(status, {"code": code, "details": details, "hint": hint, "message": message}, headers)
 
 
+async def create_api_roles(conninfo: str) -> None:
+    """Create Supabase's API roles, cluster-wide, where missing (no grants: see
+    setup_supabase_roles). Several test processes may race to create them."""
+    async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
+        await _create_api_roles(conn)
+
+
+async def _create_api_roles(conn: psycopg.AsyncConnection) -> None:
+    for role, extra in (("anon", ""), ("authenticated", ""), ("service_role", " BYPASSRLS")):
+        for _ in range(3):
+            cur = await conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,))
+            if await cur.fetchone():
+                break
+            try:
+                await conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN NOINHERIT" + extra).format(sql.Identifier(role)))
+                break
+            except (psycopg.errors.DuplicateObject, psycopg.errors.UniqueViolation):
+                continue
+
+
 async def setup_supabase_roles(conninfo: str, *, grant_existing: bool = False) -> None:
     """Create the API roles (cluster-wide, if missing) and grant them as a Supabase project does.
 
@@ -714,16 +734,7 @@ async def setup_supabase_roles(conninfo: str, *, grant_existing: bool = False) -
     tables and sequences already in ``public`` (and would undo any REVOKE made on them).
     """
     async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
-        for role, extra in (("anon", ""), ("authenticated", ""), ("service_role", " BYPASSRLS")):
-            for _ in range(3):
-                cur = await conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,))
-                if await cur.fetchone():
-                    break
-                try:
-                    await conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN NOINHERIT" + extra).format(sql.Identifier(role)))
-                    break
-                except (psycopg.errors.DuplicateObject, psycopg.errors.UniqueViolation):
-                    continue
+        await _create_api_roles(conn)
         cur = await conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")
         row = await cur.fetchone()
         async with conn.transaction():
