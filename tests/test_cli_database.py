@@ -5,11 +5,12 @@ import json
 import os
 import subprocess
 import sys
-import uuid
+from typing import Iterator
 
 import psycopg
+import pytest
 
-from tests.conftest import with_dbname
+from tests.conftest import scratch_database
 from tests.live import MECHANIC, insert_session, query, seed_people
 
 
@@ -21,11 +22,11 @@ def listener(*args: str, **env: str) -> subprocess.CompletedProcess:
                           text=True, env=full, timeout=120)
 
 
-def empty_database(pg_admin: str) -> str:
-    name = f"listener_e_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(pg_admin, autocommit=True) as conn:
-        conn.execute(f'create database "{name}"')
-    return with_dbname(pg_admin, name)
+@pytest.fixture
+def unmigrated(pg_admin: str) -> Iterator[str]:
+    """A database without the migrations, dropped after the test."""
+    with scratch_database(pg_admin, "listener_e_") as conninfo:
+        yield conninfo
 
 
 def test_run_refuses_an_unreachable_database() -> None:
@@ -34,9 +35,8 @@ def test_run_refuses_an_unreachable_database() -> None:
     assert result.stderr.strip().splitlines()[-1].startswith("listener: database unreachable")
 
 
-def test_run_refuses_a_database_without_migrations(pg_admin: str) -> None:
-    conninfo = empty_database(pg_admin)
-    result = listener("run", DATABASE_URL=conninfo)
+def test_run_refuses_a_database_without_migrations(unmigrated: str) -> None:
+    result = listener("run", DATABASE_URL=unmigrated)
     assert result.returncode == 2
     assert "run `listener migrate`" in result.stderr.strip().splitlines()[-1]
 
@@ -46,22 +46,20 @@ def test_run_refuses_a_bad_mqtt_url(database: str) -> None:
     assert result.returncode == 2 and "MQTT_URL" in result.stderr.strip().splitlines()[-1]
 
 
-def test_migrate_then_run_requirements_met(pg_admin: str) -> None:
-    conninfo = empty_database(pg_admin)
-    first = listener("migrate", "--reference", DATABASE_URL=conninfo)
+def test_migrate_then_run_requirements_met(unmigrated: str) -> None:
+    first = listener("migrate", "--reference", DATABASE_URL=unmigrated)
     assert first.returncode == 0 and "0003_functions.sql" in first.stdout
-    again = listener("migrate", DATABASE_URL=conninfo)
+    again = listener("migrate", DATABASE_URL=unmigrated)
     assert again.returncode == 0 and "up to date" in again.stdout
 
 
-def test_printed_sql_runs_twice_in_a_fresh_database(pg_admin: str) -> None:
+def test_printed_sql_runs_twice_in_a_fresh_database(unmigrated: str) -> None:
     script = listener("migrate", "--print", "--reference").stdout
     assert script.startswith("--") and "listener_fire" in script
-    conninfo = empty_database(pg_admin)
-    with psycopg.connect(conninfo, autocommit=True) as conn:
+    with psycopg.connect(unmigrated, autocommit=True) as conn:
         conn.execute(script)
         conn.execute(script)
-    names = [n for (n,) in query(conninfo, "select name from public.listener_migrations "
+    names = [n for (n,) in query(unmigrated, "select name from public.listener_migrations "
                                            "order by name")]
     assert names[0] == "0001_status_changed_at.sql" and len(names) >= 5
 
